@@ -1,0 +1,1 @@
+"""Where expert bytes live: checkpoint files, host tiers, the device hot-expert cache and its policies."""

@@ -1,0 +1,163 @@
+"""The hot-expert cache on the compute device: fixed slots, a copy engine, a policy.
+
+Slots are one preallocated [n_slots, padded_numel] tensor, reused and never
+reallocated. `acquire(layer, experts)` yields each requested expert's weight views:
+already-resident experts first, so compute starts while misses are still copying;
+misses are loaded into free slots or slots the policy frees, never into a slot whose
+expert this layer has yet to use. Evicted experts are read-only copies and are never
+written back.
+
+Not for: deciding eviction order (policies) or reading checkpoints (store).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+import time
+from typing import Any
+
+import torch
+
+from expert_store.layout import ExpertKey
+from expert_store.policies import CachePolicy
+from expert_store.residency import Residency
+from expert_store.stats import CacheStats
+from expert_store.store import ExpertStore, Tier
+from expert_store.transfer import Copier
+
+_STAGING_BUFFERS = 2
+
+
+class ExpertCache:
+    def __init__(self, store: ExpertStore, n_slots: int, device: torch.device, policy: CachePolicy, copier: Copier):
+        self.store = store
+        self.layout = store.layout
+        self.device = device
+        self.policy = policy
+        self.copier = copier
+        self.residency = Residency(n_slots)
+        self.slots = torch.empty(n_slots, self.layout.padded_numel, dtype=self.layout.dtype, device=device)
+        self._ready: list[Any | None] = [None] * n_slots  # copy into the slot has landed
+        self._released: list[Any | None] = [None] * n_slots  # compute is done reading the slot
+        self._staging = [
+            torch.empty(self.layout.padded_numel, dtype=self.layout.dtype, pin_memory=device.type == "cuda")
+            for _ in range(_STAGING_BUFFERS if device.type == "cuda" else 0)
+        ]
+        self._staging_free: list[Any | None] = [None] * len(self._staging)
+        self._next_staging = 0
+        self.stats = CacheStats()
+
+    @property
+    def n_slots(self) -> int:
+        return self.residency.n_slots
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots.numel() * self.slots.element_size()
+
+    def take_stats(self) -> CacheStats:
+        """The counters since the last call (synchronises to read copy timings)."""
+        stall_s, copy_s = self.copier.drain()
+        self.stats.stall_s += stall_s
+        self.stats.copy_s += copy_s
+        stats, self.stats = self.stats, CacheStats()
+        return stats
+
+    def prefetch(self, keys: Sequence[ExpertKey], protected: frozenset[ExpertKey] = frozenset()) -> None:
+        """Start loading `keys` (most wanted first) without evicting anything in `protected`."""
+        for key in keys:
+            if key in self.residency:
+                continue
+            slot = self._make_room(protected | set(keys))
+            if slot is None:
+                return
+            self._load(key, slot)
+            self.stats.prefetches += 1
+
+    def acquire(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield (expert, gate_up [2F, D], down [D, F]) for each expert, each once.
+
+        The caller must finish issuing its use of one expert before asking for the next:
+        the slot may be refilled right after.
+        """
+        keys = [(layer, e) for e in experts]
+        hits = [k for k in keys if k in self.residency]
+        misses = [k for k in keys if k not in self.residency]
+        self.stats.hits += len(hits)
+        self.stats.misses += len(misses)
+        unused = set(keys)
+        queue = list(misses)
+
+        def issue() -> None:
+            while queue:
+                slot = self._make_room(unused)
+                if slot is None:
+                    return
+                self._load(queue.pop(0), slot)
+
+        issue()
+        for key in hits + misses:
+            if key not in self.residency:
+                issue()
+            slot = self.residency.lookup(key)
+            if slot is None:
+                raise RuntimeError(f"no slot could be freed for expert {key}")
+            self.copier.wait(self._ready[slot])
+            self.policy.on_use(key)
+            gate_up, down = self.layout.views(self.slots[slot])
+            yield key[1], gate_up, down
+            self._released[slot] = self.copier.compute_done()
+            unused.discard(key)
+            if not self.policy.keeps_experts:
+                self.residency.release(key)
+                self.policy.on_evict(key)
+            issue()
+
+    def _make_room(self, protected: set[ExpertKey] | frozenset[ExpertKey]) -> int | None:
+        slot = self.residency.free_slot()
+        if slot is not None:
+            return slot
+        candidates = [k for k in self.residency.resident() if k not in protected]
+        if not candidates:
+            return None
+        victim = self.policy.victim(candidates)
+        self.policy.on_evict(victim)
+        return self.residency.release(victim)
+
+    def _load(self, key: ExpertKey, slot: int) -> None:
+        self.residency.place(key, slot)
+        self.policy.on_load(key)
+        dst = self.slots[slot]
+        src = self.store.host_view(key)
+        tier = Tier.HOST
+        if src is None:
+            # Reading the files blocks the host, so its time is stall on any device.
+            t0 = time.perf_counter()
+            if self._staging:
+                i = self._next_staging
+                self._next_staging = (i + 1) % len(self._staging)
+                self.copier.host_wait(self._staging_free[i])
+                src = self._staging[i]
+                tier = self.store.read_into(key, src)
+            else:  # CPU device: read the files straight into the slot
+                self.copier.host_wait(self._released[slot])
+                tier = self.store.read_into(key, dst)
+            elapsed = time.perf_counter() - t0
+            self.stats.stall_s += elapsed
+            if not self._staging:
+                self.stats.copy_s += elapsed
+                self._ready[slot] = None
+                self._count(tier)
+                return
+            ready = self.copier.copy(dst, src, after=self._released[slot])
+            self._staging_free[i] = ready
+        else:
+            ready = self.copier.copy(dst, src, after=self._released[slot])
+        self._ready[slot] = ready
+        self._count(tier)
+
+    def _count(self, tier: Tier) -> None:
+        if tier is Tier.HOST:
+            self.stats.bytes_from_host += self.layout.nbytes
+        else:
+            self.stats.bytes_from_nvme += self.layout.nbytes

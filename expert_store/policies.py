@@ -1,0 +1,86 @@
+"""Cache policies: what stays in the device cache, what leaves, what to fetch early.
+
+One small interface and a name registry. A policy sees every routing decision as it
+happens (`observe_route`), is told about uses, loads and evictions, picks victims,
+and may ask for prefetches before a layer runs. The predictive policies of the
+method plug in here; v0 ships `ondemand` (no reuse) and `lru`.
+
+Not for: moving bytes or owning slots (device_cache does both).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import ClassVar
+
+from expert_store.layout import ExpertKey
+
+
+class CachePolicy(ABC):
+    name: ClassVar[str]
+    keeps_experts: ClassVar[bool] = True  # False: an expert leaves the cache right after its use
+
+    def observe_route(self, layer: int, experts: Sequence[int]) -> None:
+        """The router of `layer` just picked these experts for the current batch."""
+
+    def on_use(self, key: ExpertKey) -> None:
+        """Compute is about to use `key` (hit or freshly loaded)."""
+
+    def on_load(self, key: ExpertKey) -> None:
+        """`key` was placed in a slot."""
+
+    def on_evict(self, key: ExpertKey) -> None:
+        """`key` left the cache."""
+
+    def prefetch(self, next_layer: int) -> list[ExpertKey]:
+        """Experts worth loading now, before `next_layer` runs. Most likely first."""
+        return []
+
+    @abstractmethod
+    def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
+        """Pick one of `candidates` (never empty) to evict."""
+
+
+class OnDemandPolicy(CachePolicy):
+    """No reuse: every expert is loaded when routed to and dropped after use."""
+
+    name = "ondemand"
+    keeps_experts = False
+
+    def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
+        return candidates[0]
+
+
+class LruPolicy(CachePolicy):
+    """Evict the least recently used expert within the byte budget."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._last_use: OrderedDict[ExpertKey, None] = OrderedDict()
+
+    def on_use(self, key: ExpertKey) -> None:
+        self._last_use[key] = None
+        self._last_use.move_to_end(key)
+
+    def on_evict(self, key: ExpertKey) -> None:
+        self._last_use.pop(key, None)
+
+    def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
+        allowed = set(candidates)
+        for key in self._last_use:  # oldest first
+            if key in allowed:
+                return key
+        return candidates[0]  # loaded but never used yet (e.g. a prefetch)
+
+
+POLICIES: dict[str, type[CachePolicy]] = {p.name: p for p in (OnDemandPolicy, LruPolicy)}
+
+
+def make_policy(name: str) -> CachePolicy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(sorted(POLICIES))}") from None

@@ -1,0 +1,133 @@
+"""`expertflow` command line: generate text from a local MoE checkpoint with tiered experts.
+
+Not for: library use (import expertflow.loader / expertflow.engine instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from expert_store.checkpoint import CheckpointError
+from expert_store.policies import POLICIES
+from expertflow.families import UnsupportedArchitecture
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expertflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text; prints text, tokens/s, hit rate, bytes moved, memory saved")
+    gen.add_argument("--model", type=Path, help="Hugging Face model directory (default: the embedded default model)")
+    gen.add_argument("--prompt", action="append", help="prompt text; repeat for a batch of requests")
+    gen.add_argument("--prompt-ids", action="append", help="a prompt as comma-separated token ids; repeatable")
+    gen.add_argument(
+        "--expert-budget", default="25%", help="device bytes for routed experts: 6GiB, 512MB or 25%% of all"
+    )
+    gen.add_argument("--host-budget", default="100%", help="host RAM for routed experts; the rest is read from NVMe")
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    gen.add_argument("--dtype", choices=sorted(_DTYPES), help="compute dtype (default: the checkpoint's)")
+    gen.add_argument("--policy", default="lru", choices=sorted(POLICIES))
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> dict:
+    from expertflow.default_model import ensure_default_model
+    from expertflow.engine import Engine, SamplingParams
+    from expertflow.loader import LoadOptions, load
+    from expertflow.tokenizer import TextCodec
+
+    directory = args.model if args.model is not None else ensure_default_model()
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    options = LoadOptions(
+        device=args.device,
+        dtype=_DTYPES[args.dtype] if args.dtype else None,
+        expert_budget=args.expert_budget,
+        host_budget=args.host_budget,
+        policy=args.policy,
+        progress=not args.json and sys.stderr.isatty(),
+    )
+    loaded = load(directory, options)
+    try:
+        codec = TextCodec(directory) if args.prompt or not args.prompt_ids else None
+        prompts: list[str] = []
+        prompt_ids: list[list[int]] = []
+        if codec is not None:
+            prompts = args.prompt or ["The expert said"]
+            prompt_ids = [codec.encode(p) for p in prompts]
+        for text in args.prompt_ids or []:
+            try:
+                prompt_ids.append([int(t) for t in text.replace(" ", "").split(",") if t])
+            except ValueError:
+                raise ValueError(f"--prompt-ids {text!r} is not a comma-separated list of integers") from None
+            prompts.append(text)
+        result = Engine(loaded).generate(prompt_ids, params)
+    finally:
+        loaded.close()
+    decode = codec.decode if codec is not None else (lambda ids: " " + ",".join(map(str, ids)))
+    total = result.stats.total
+    return {
+        "model": str(directory),
+        "family": loaded.spec.family,
+        "device": str(loaded.device),
+        "policy": args.policy,
+        "expert_slots": loaded.cache.n_slots,
+        "requests": [
+            {
+                "prompt": p,
+                "token_ids": o.token_ids,
+                "text": decode(o.token_ids),
+                "finish_reason": o.finish_reason,
+            }
+            for p, o in zip(prompts, result.outputs)
+        ],
+        "tokens_per_s": result.tokens_per_s,
+        "new_tokens": result.new_tokens,
+        "prefill_s": result.prefill_s,
+        "decode_s": result.decode_s,
+        "stats": total.to_dict(),
+        "per_step": [s.to_dict() for s in result.stats.steps],
+        "memory": result.memory.to_dict(),
+    }
+
+
+def _print_text(out: dict) -> None:
+    for r in out["requests"]:
+        print(f"{r['prompt']}{r['text']}")
+    s, m = out["stats"], out["memory"]
+    print(
+        f"\n[{out['family']} on {out['device']}, policy {out['policy']}, {out['expert_slots']} expert slots] "
+        f"{out['new_tokens']} tokens at {out['tokens_per_s']:.1f} tok/s | hit rate {s['hit_rate']:.1%} "
+        f"({s['hits']} hits, {s['misses']} misses) | moved {s['bytes_from_host'] / 2**20:.1f} MiB from RAM, "
+        f"{s['bytes_from_nvme'] / 2**20:.1f} MiB from NVMe, stall {s['stall_s'] * 1e3:.1f} ms | "
+        f"device weights {m['weight_bytes_saved']:.1%} smaller, peak memory {m['peak_saved']:.1%} lower than fully resident",
+        file=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        out = _generate(args)
+    except (CheckpointError, UnsupportedArchitecture, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"expertflow: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print_text(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

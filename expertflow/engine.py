@@ -1,0 +1,209 @@
+"""Prefill and decode a batch of requests over token ids, with greedy or top-p sampling.
+
+    prefill(all prompts, left-padded) -> sample -> decode one token per live request -> ... -> stop
+
+A request stops on one of its EOS ids or after `max_new_tokens`; finished requests
+stay in the batch for attention but no longer route through the experts.
+
+Not for: text (tokenizer.py), loading (loader.py) or residency (expert_store).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from expert_store.stats import RunStats
+from expertflow.loader import LoadedModel
+
+
+class RequestError(ValueError):
+    """A request the model cannot serve, with the reason."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop_on_eos: bool = True  # the model's EOS ids end a request
+    stop_token_ids: tuple[int, ...] = ()  # extra ids that end a request
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise RequestError("max_new_tokens must be >= 0")
+        if self.temperature < 0:
+            raise RequestError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise RequestError("top_p must be in (0, 1]")
+
+
+@dataclass
+class RequestOutput:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "length"
+
+
+@dataclass
+class MemoryReport:
+    dense_bytes: int
+    expert_cache_bytes: int
+    kv_cache_bytes: int
+    resident_weight_bytes: int  # dense + every routed expert: the fully resident model
+    peak_device_bytes: int
+
+    @property
+    def weight_bytes_saved(self) -> float:
+        used = self.dense_bytes + self.expert_cache_bytes
+        return 1.0 - used / self.resident_weight_bytes
+
+    @property
+    def peak_saved(self) -> float:
+        """Peak memory reduction against the same run with every expert resident."""
+        extra = self.resident_weight_bytes - self.dense_bytes - self.expert_cache_bytes
+        return extra / (self.peak_device_bytes + extra) if self.peak_device_bytes + extra > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float | int]:
+        return dict(
+            dense_bytes=self.dense_bytes,
+            expert_cache_bytes=self.expert_cache_bytes,
+            kv_cache_bytes=self.kv_cache_bytes,
+            resident_weight_bytes=self.resident_weight_bytes,
+            peak_device_bytes=self.peak_device_bytes,
+            weight_bytes_saved=self.weight_bytes_saved,
+            peak_saved=self.peak_saved,
+        )
+
+
+@dataclass
+class GenerationResult:
+    outputs: list[RequestOutput]
+    stats: RunStats
+    memory: MemoryReport
+    prefill_s: float
+    decode_s: float
+    new_tokens: int = field(default=0)
+    step_s: list[float] = field(default_factory=list)  # wall time of each forward, prefill first
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / (self.prefill_s + self.decode_s) if self.prefill_s + self.decode_s > 0 else 0.0
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / params.temperature).softmax(-1).cpu()
+    if params.top_p < 1:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.cache = loaded.cache
+        self.spec = loaded.spec
+        self.device = loaded.device
+
+    def _validate(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        if not prompts:
+            raise RequestError("no prompts given")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise RequestError(f"prompt {i} is empty")
+            bad = [t for t in p if not 0 <= t < self.spec.vocab_size]
+            if bad:
+                raise RequestError(
+                    f"prompt {i} has token id {bad[0]} outside the vocabulary (0..{self.spec.vocab_size - 1})"
+                )
+            if len(p) > self.spec.max_positions:
+                raise RequestError(
+                    f"prompt {i} has {len(p)} tokens, longer than the model's context of {self.spec.max_positions}"
+                )
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> GenerationResult:
+        self._validate(prompts, params)
+        device = self.device
+        b = len(prompts)
+        longest = max(len(p) for p in prompts)
+        max_new = min(params.max_new_tokens, self.spec.max_positions - longest)
+        pad_id = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
+        pads = torch.tensor([longest - len(p) for p in prompts], device=device)
+        tokens = torch.full((b, longest), pad_id, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            tokens[i, longest - len(p) :] = torch.tensor(p, device=device)
+        compute = torch.arange(longest, device=device)[None, :] >= pads[:, None]  # B T
+        caches = self.model.new_caches(b, longest + max(max_new, 1))
+        generator = torch.Generator().manual_seed(params.seed)
+        eos = set(params.stop_token_ids) | (set(self.spec.eos_token_ids) if params.stop_on_eos else set())
+        stats = RunStats()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        t0 = time.perf_counter()
+        logits = self.model(tokens, caches, 0, pads, compute)[:, -1]  # B V
+        stats.record(self.cache.take_stats())
+        prefill_s = time.perf_counter() - t0
+
+        step_s = [prefill_s]
+        outs: list[list[int]] = [[] for _ in range(b)]
+        reasons = ["length"] * b
+        alive = [True] * b
+        t0 = time.perf_counter()
+        for step in range(max_new):
+            next_ids = sample(logits, params, generator)  # B
+            ids = next_ids.tolist()
+            for i in range(b):
+                if alive[i]:
+                    outs[i].append(ids[i])
+                    if ids[i] in eos:
+                        reasons[i], alive[i] = "eos", False
+            if step == max_new - 1 or not any(alive):
+                break
+            t_step = time.perf_counter()
+            live = torch.tensor(alive, device=device)
+            logits = self.model(next_ids[:, None], caches, longest + step, pads, live[:, None])[:, -1]
+            stats.record(self.cache.take_stats())
+            step_s.append(time.perf_counter() - t_step)
+        decode_s = time.perf_counter() - t0
+
+        outputs = [RequestOutput(list(p), o, r) for p, o, r in zip(prompts, outs, reasons)]
+        return GenerationResult(
+            outputs=outputs,
+            stats=stats,
+            memory=self._memory(caches),
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            new_tokens=sum(len(o) for o in outs),
+            step_s=step_s,
+        )
+
+    def logits(self, prompt: list[int]) -> torch.Tensor:
+        """Logits [T, V] for every position of one prompt (for checking against a reference)."""
+        self._validate([prompt], SamplingParams())
+        tokens = torch.tensor([prompt], device=self.device)
+        caches = self.model.new_caches(1, len(prompt))
+        pads = torch.zeros(1, dtype=torch.long, device=self.device)
+        compute = torch.ones_like(tokens, dtype=torch.bool)
+        out = self.model(tokens, caches, 0, pads, compute)[0]
+        self.cache.take_stats()
+        return out
+
+    def _memory(self, caches) -> MemoryReport:
+        kv = sum(t.numel() * t.element_size() for c in caches for t in c.t.values())
+        dense, experts = self.loaded.dense_bytes, self.cache.nbytes
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = dense + experts + kv
+        return MemoryReport(dense, experts, kv, dense + self.loaded.expert_bytes_total, peak)

@@ -1,0 +1,144 @@
+"""Turn a local Hugging Face checkpoint directory into a runnable offloaded model.
+
+Dense weights (embeddings, attention, norms, routers, shared experts, LM head) are
+copied tensor by tensor from the memory-mapped files to the compute device; routed
+experts go to the expert store (host arena within the host budget, the rest on
+NVMe) and reach the device through the hot-expert cache. No tensor is materialised
+in RAM except on its way somewhere.
+
+Not for: running requests (engine.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from expert_store.checkpoint import CheckpointError, CheckpointFiles
+from expert_store.device_cache import ExpertCache
+from expert_store.layout import ExpertLayout
+from expert_store.policies import make_policy
+from expert_store.store import LocalExpertStore
+from expert_store.transfer import make_copier
+from expertflow.budget import parse_budget
+from expertflow.families import family_for
+from expertflow.model import MoETransformer
+from expertflow.spec import Family, ModelSpec
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str = "cpu"
+    dtype: torch.dtype | None = None  # None: the checkpoint's dtype
+    expert_budget: str = "100%"  # of all routed-expert bytes, or an absolute size
+    host_budget: str = "100%"
+    policy: str = "lru"
+    progress: bool = False
+
+
+@dataclass
+class LoadedModel:
+    directory: Path
+    family: Family
+    spec: ModelSpec
+    model: MoETransformer
+    store: LocalExpertStore
+    cache: ExpertCache
+    device: torch.device
+    dense_bytes: int
+    expert_bytes_total: int
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def read_config(directory: Path):
+    config_path = directory / "config.json"
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: model directory does not exist")
+    if not config_path.exists():
+        raise CheckpointError(f"{directory}: no config.json")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    family = family_for(raw.get("architectures"), raw.get("model_type"))
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except Exception as e:  # transformers raises many kinds; all mean the same to a user
+        raise CheckpointError(f"{config_path}: transformers cannot read this config ({e})") from None
+    return family, config
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported; use cpu or cuda")
+    return device
+
+
+def load(directory: str | Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
+    directory = Path(directory)
+    device = _device(options.device)
+    family, config = read_config(directory)
+    spec: ModelSpec = family.build_spec(config)
+    dtype = options.dtype or spec.dtype
+    files = CheckpointFiles(directory)
+    quantized = [n for n in files.tensors if n.endswith(("weight_scale_inv", ".qweight", ".scales"))]
+    if quantized:
+        raise CheckpointError(f"{directory}: quantized checkpoints are not supported (found {quantized[0]!r})")
+
+    with torch.device("meta"):
+        model = MoETransformer(spec)
+    model = model.to_empty(device=device).to(dtype)
+    model.inv_freq = spec.inv_freq.to(device)
+    dense_bytes = _load_dense(model, family, files, spec)
+
+    moe_layers = [(i, ls.moe) for i, ls in enumerate(spec.layers) if ls.moe is not None]
+    if not moe_layers:
+        raise CheckpointError(f"{directory}: the config describes no MoE layer")
+    ffns = {moe.expert_ffn for _, moe in moe_layers}
+    if len(ffns) != 1:
+        raise CheckpointError(f"{directory}: routed experts of different sizes ({sorted(ffns)}) are not supported")
+    layout = ExpertLayout(spec.hidden, ffns.pop(), dtype)
+    names = {(i, e): family.expert_names(i, e) for i, moe in moe_layers for e in range(moe.router.n_experts)}
+    total = len(names) * layout.nbytes
+    expert_budget = parse_budget(options.expert_budget, total, "--expert-budget")
+    n_slots = min(len(names), expert_budget // layout.nbytes)
+    if n_slots < 1:
+        raise ValueError(
+            f"--expert-budget {options.expert_budget} ({expert_budget} bytes) is smaller than one expert "
+            f"({layout.nbytes} bytes); give at least {layout.nbytes} bytes or {100 * layout.nbytes / total:.2f}%"
+        )
+    host_budget = parse_budget(options.host_budget, len(names) * layout.slot_nbytes, "--host-budget")
+    store = LocalExpertStore(files, names, layout, host_budget, device.type == "cuda", options.progress)
+    cache = ExpertCache(store, n_slots, device, make_policy(options.policy), make_copier(device))
+    for i, _ in moe_layers:
+        model.layers[i].moe.cache = cache
+    model.eval()
+    return LoadedModel(directory, family, spec, model, store, cache, device, dense_bytes, total)
+
+
+def _load_dense(model: MoETransformer, family: Family, files: CheckpointFiles, spec: ModelSpec) -> int:
+    total = 0
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        ckpt = family.checkpoint_name(name)
+        if name == "lm_head.weight" and ckpt not in files and spec.tie_embeddings:
+            ckpt = family.checkpoint_name("embed.weight")
+        info = files.info(ckpt)
+        if info.shape != tuple(param.shape):
+            raise CheckpointError(
+                f"{files.directory}: tensor {ckpt!r} has shape {info.shape}, the config implies {tuple(param.shape)}"
+            )
+        with torch.no_grad():
+            param.copy_(files.get(ckpt))
+        total += param.numel() * param.element_size()
+    return total

@@ -1,0 +1,87 @@
+"""One MoE decoder for every supported family, read top to bottom.
+
+    h   = x + attn(attn_norm(x))
+    out = h + (moe or mlp)(mlp_norm(h))
+
+Shape legend: B = batch, T = new tokens this step, S = cache length, D = hidden,
+V = vocab, N = tokens that still need computing (not padding, not finished).
+
+Requests of different lengths are left-padded into one batch: `pads[b]` columns of
+padding precede request b's first token, so every request writes its cache at the
+same column and positions restart at 0 after the padding.
+
+Not for: sampling or the request loop (engine.py), loading weights (loader.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from expertflow.layers import MLP, Attention, KVCache, MLAttention, RMSNorm, rotary_cos_sin
+from expertflow.moe import MoEBlock
+from expertflow.spec import LayerSpec, ModelSpec
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_spec: LayerSpec, index: int):
+        super().__init__()
+        attn_cls = MLAttention if spec.attention.kind == "mla" else Attention
+        self.attn_norm = RMSNorm(spec.hidden, spec.rms_eps)
+        self.attn = attn_cls(spec.attention, spec.hidden, spec.rms_eps)
+        self.mlp_norm = RMSNorm(spec.hidden, spec.rms_eps)
+        if layer_spec.moe is not None:
+            self.moe = MoEBlock(layer_spec.moe, index, spec.hidden, spec.act)
+        else:
+            self.mlp = MLP(spec.hidden, layer_spec.dense_ffn, spec.act)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache, start: int, compute: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
+        y = self.mlp_norm(h)
+        if hasattr(self, "mlp"):
+            return h + self.mlp(y)
+        # Only tokens that need an output go through the experts: padding and finished
+        # requests would otherwise pull experts in for nothing.
+        out = torch.zeros_like(y)
+        out[compute] = self.moe(y[compute])  # N D
+        return h + out
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden)
+        self.layers = nn.ModuleList(Block(spec, ls, i) for i, ls in enumerate(spec.layers))
+        self.norm = RMSNorm(spec.hidden, spec.rms_eps)
+        self.lm_head = nn.Linear(spec.hidden, spec.vocab_size, bias=False)
+        self.register_buffer("inv_freq", spec.inv_freq.clone(), persistent=False)
+
+    def new_caches(self, batch: int, length: int) -> list[KVCache]:
+        p = self.embed.weight
+        return [blk.attn.new_cache(batch, length, p.dtype, p.device) for blk in self.layers]
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,  # B T
+        caches: list[KVCache],
+        start: int,  # cache column of tokens[:, 0]
+        pads: torch.Tensor,  # B, left padding per request
+        compute: torch.Tensor,  # B T bool: positions whose outputs matter
+    ) -> torch.Tensor:
+        """Logits [B, T, V] for the new tokens (only the last ones are usually needed)."""
+        b, t = tokens.shape
+        device = tokens.device
+        cols = torch.arange(start, start + t, device=device)  # T
+        positions = (cols[None, :] - pads[:, None]).clamp(min=0)  # B T
+        keys = torch.arange(start + t, device=device)  # S
+        allowed = (keys[None, None, :] <= cols[None, :, None]) & (keys[None, None, :] >= pads[:, None, None])  # B T S
+        # A padding query sees no key at all; let it see itself so softmax stays finite.
+        allowed |= keys[None, None, :] == cols[None, :, None]
+        mask = allowed[:, None]  # B 1 T S
+        x = self.embed(tokens)  # B T D
+        cos, sin = rotary_cos_sin(positions, self.inv_freq, self.spec.rope_scale, x.dtype)
+        for blk, cache in zip(self.layers, caches):
+            x = blk(x, cos, sin, mask, cache, start, compute)
+        return self.lm_head(self.norm(x))

@@ -1,0 +1,126 @@
+"""The expert store, residency bookkeeping, policies and the device cache, on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expert_store.checkpoint import CheckpointFiles
+from expert_store.device_cache import ExpertCache
+from expert_store.layout import ExpertLayout
+from expert_store.policies import LruPolicy, OnDemandPolicy, make_policy
+from expert_store.residency import Residency
+from expert_store.store import LocalExpertStore, Tier
+from expert_store.transfer import CpuCopier
+from expertflow.families import family_for
+
+
+def test_layout_pack_and_views_round_trip():
+    layout = ExpertLayout(hidden=4, ffn=3, dtype=torch.float32)
+    gate, up, down = torch.randn(3, 4), torch.randn(3, 4), torch.randn(4, 3)
+    flat = torch.full((layout.padded_numel,), float("nan"))
+    layout.pack(gate, up, down, flat)
+    gate_up, down_view = layout.views(flat)
+    assert torch.equal(gate_up, torch.cat([gate, up])) and torch.equal(down_view, down)
+    assert layout.padded_numel % 128 == 0 and layout.nbytes == 36 * 4
+    with pytest.raises(ValueError, match="gate projection has shape"):
+        layout.pack(torch.randn(4, 3), up, down, flat)
+
+
+def test_residency_bookkeeping():
+    r = Residency(2)
+    r.place((0, 1), r.free_slot())
+    r.place((0, 2), r.free_slot())
+    assert r.free_slot() is None and len(r) == 2
+    with pytest.raises(RuntimeError):
+        r.place((0, 3), 0)
+    assert r.release((0, 1)) == 0
+    assert r.free_slot() == 0 and (0, 1) not in r
+    with pytest.raises(ValueError):
+        Residency(0)
+
+
+def test_lru_evicts_least_recently_used():
+    lru = LruPolicy()
+    for key in [(0, 0), (0, 1), (0, 2)]:
+        lru.on_use(key)
+    lru.on_use((0, 0))
+    assert lru.victim([(0, 0), (0, 1), (0, 2)]) == (0, 1)
+    assert lru.victim([(0, 0), (0, 2)]) == (0, 2)
+    with pytest.raises(ValueError, match="unknown cache policy 'mru'"):
+        make_policy("mru")
+
+
+def _store(directory, host_budget):
+    files = CheckpointFiles(directory)
+    family = family_for(["MixtralForCausalLM"], None)
+    names = {(layer, e): family.expert_names(layer, e) for layer in range(3) for e in range(8)}
+    layout = ExpertLayout(64, 96, torch.float32)
+    return files, LocalExpertStore(files, names, layout, host_budget, pin_for_cuda=False), family
+
+
+def test_store_places_experts_by_host_budget(mixtral_dir):
+    files, store, family = _store(mixtral_dir, host_budget=5 * ExpertLayout(64, 96, torch.float32).slot_nbytes)
+    keys = store.keys()
+    assert [store.tier(k) for k in keys[:5]] == [Tier.HOST] * 5
+    assert all(store.tier(k) is Tier.NVME for k in keys[5:])
+    names = family.expert_names(2, 7)
+    out = torch.empty(store.layout.padded_numel)
+    assert store.read_into((2, 7), out) is Tier.NVME
+    gate_up, down = store.layout.views(out)
+    assert torch.equal(gate_up[:96], files.get(names.gate)) and torch.equal(down, files.get(names.down))
+    with pytest.raises(KeyError, match="not in this store"):
+        store.tier((9, 0))
+    store.close()
+
+
+def test_cache_with_one_slot_serves_every_expert_in_turn(mixtral_dir):
+    files, store, _ = _store(mixtral_dir, host_budget=0)
+    cache = ExpertCache(store, 1, torch.device("cpu"), LruPolicy(), CpuCopier())
+    base = cache.slots.data_ptr()
+    seen = []
+    for expert, gate_up, down in cache.acquire(1, [3, 5, 0]):
+        reference = torch.empty(store.layout.padded_numel)
+        store.read_into((1, expert), reference)
+        assert torch.equal(gate_up, store.layout.views(reference)[0])
+        seen.append(expert)
+    assert seen == [3, 5, 0] and cache.slots.data_ptr() == base
+    assert cache.residency.resident() == [(1, 0)]
+    stats = cache.take_stats()
+    assert (stats.hits, stats.misses, stats.bytes_from_nvme) == (0, 3, 3 * store.layout.nbytes)
+    assert [e for e, *_ in cache.acquire(1, [5, 0])] == [0, 5]  # the resident one first
+    assert (cache.stats.hits, cache.stats.misses) == (1, 1)
+    store.close()
+
+
+def test_prefetch_loads_without_evicting_protected(mixtral_dir):
+    files, store, _ = _store(mixtral_dir, host_budget=10**9)
+    cache = ExpertCache(store, 2, torch.device("cpu"), LruPolicy(), CpuCopier())
+    list(cache.acquire(0, [1]))
+    cache.prefetch([(0, 2), (0, 3)], protected=frozenset({(0, 1)}))
+    assert set(cache.residency.resident()) == {(0, 1), (0, 2)}
+    assert cache.stats.prefetches == 1
+    list(cache.acquire(0, [2]))
+    assert cache.stats.hits == 1
+    store.close()
+
+
+def test_ondemand_keeps_nothing(mixtral_dir):
+    files, store, _ = _store(mixtral_dir, host_budget=10**9)
+    cache = ExpertCache(store, 4, torch.device("cpu"), OnDemandPolicy(), CpuCopier())
+    list(cache.acquire(0, [1, 2]))
+    list(cache.acquire(0, [1, 2]))
+    assert len(cache.residency) == 0 and cache.stats.hits == 0 and cache.stats.misses == 4
+    store.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_host_arena_is_registered_shared_memory_on_cuda(mixtral_dir):
+    from expertflow.loader import LoadOptions, load
+
+    loaded = load(mixtral_dir, LoadOptions(device="cuda", expert_budget="25%"))
+    assert loaded.store.host_kind in ("shm+cudaHostRegister", "pinned")
+    view = loaded.store.host_view((0, 0))
+    assert view.is_pinned()
+    loaded.close()

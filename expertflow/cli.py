@@ -38,16 +38,71 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    tr = sub.add_parser("trace", help="record routing traces of a checkpoint over text (see traces/format.py)")
+    tr.add_argument("--model", type=Path, help="Hugging Face model directory (default: the embedded default model)")
+    tr.add_argument("--data", type=Path, action="append", required=True, help=".jsonl, .txt or .npy; repeatable")
+    tr.add_argument("--domain", action="append", help="domain name per --data (default: the file's folder name)")
+    tr.add_argument("--out", type=Path, required=True, help="trace file to write (.safetensors)")
+    tr.add_argument("--max-seq-len", type=int, default=256)
+    tr.add_argument("--max-tokens", type=int, help="per --data file")
+    tr.add_argument("--batch", type=int, default=16)
+    tr.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    tr.add_argument("--dtype", choices=sorted(_DTYPES), help="compute dtype (default: the checkpoint's)")
+    tr.add_argument("--expert-budget", default="100%")
     return parser
 
 
+def _trace(args: argparse.Namespace) -> dict:
+    from expertflow.default_model import default_model_dir
+    from expertflow.engine import Engine
+    from expertflow.loader import LoadOptions, load
+    from expertflow.tokenizer import TextCodec
+    from expertflow.trace import read_documents, record, windows
+
+    directory = args.model if args.model is not None else default_model_dir()
+    if args.domain and len(args.domain) != len(args.data):
+        raise ValueError(f"{len(args.domain)} --domain names for {len(args.data)} --data files")
+    if args.max_seq_len < 2:
+        raise ValueError("--max-seq-len must be at least 2")
+    dtype = _DTYPES[args.dtype] if args.dtype else None
+    loaded = load(directory, LoadOptions(device=args.device, dtype=dtype, expert_budget=args.expert_budget))
+    try:
+        spec = loaded.spec
+        eos = spec.eos_token_ids[0] if spec.eos_token_ids else 0
+        bos = spec.bos_token_id if spec.bos_token_id is not None else eos
+        codec = None if all(p.suffix == ".npy" for p in args.data) else TextCodec(directory)
+        sequences: list[list[int]] = []
+        domains: list[int] = []
+        names: list[str] = []
+        for i, path in enumerate(args.data):
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: no such data file")
+            name = args.domain[i] if args.domain else path.parent.name
+            if name not in names:
+                names.append(name)
+            docs = read_documents(path, codec.encode if codec else None, eos)
+            seqs = windows(docs, bos, min(args.max_seq_len, spec.max_positions), args.max_tokens)
+            sequences += seqs
+            domains += [names.index(name)] * len(seqs)
+        if not sequences:
+            raise ValueError("the data files hold no text to trace")
+        source = "expertflow trace " + " ".join(str(p) for p in args.data)
+        trace = record(Engine(loaded), sequences, domains, names, source, args.batch)
+    finally:
+        loaded.close()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    trace.save(args.out)
+    return {"out": str(args.out), "sequences": trace.n_sequences, "tokens": len(trace.tokens), "domains": names}
+
+
 def _generate(args: argparse.Namespace) -> dict:
-    from expertflow.default_model import ensure_default_model
+    from expertflow.default_model import default_model_dir
     from expertflow.engine import Engine, SamplingParams
     from expertflow.loader import LoadOptions, load
     from expertflow.tokenizer import TextCodec
 
-    directory = args.model if args.model is not None else ensure_default_model()
+    directory = args.model if args.model is not None else default_model_dir()
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     options = LoadOptions(
         device=args.device,
@@ -118,11 +173,11 @@ def _print_text(out: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        out = _generate(args)
+        out = _trace(args) if args.command == "trace" else _generate(args)
     except (CheckpointError, UnsupportedArchitecture, FileNotFoundError, ValueError, KeyError) as e:
         print(f"expertflow: error: {e}", file=sys.stderr)
         return 2
-    if args.json:
+    if args.command == "trace" or args.json:
         print(json.dumps(out))
     else:
         _print_text(out)

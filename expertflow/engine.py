@@ -17,6 +17,7 @@ import torch
 
 from expert_store.stats import RunStats
 from expertflow.loader import LoadedModel
+from expertflow.moe import RouteRecorder
 
 
 class RequestError(ValueError):
@@ -131,19 +132,33 @@ class Engine:
                     f"prompt {i} has {len(p)} tokens, longer than the model's context of {self.spec.max_positions}"
                 )
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> GenerationResult:
-        self._validate(prompts, params)
+    def _batch(self, prompts: list[list[int]], room: int):
+        """Left-pad prompts into one batch with cache room for `room` more tokens."""
         device = self.device
-        b = len(prompts)
-        longest = max(len(p) for p in prompts)
-        max_new = min(params.max_new_tokens, self.spec.max_positions - longest)
+        b, longest = len(prompts), max(len(p) for p in prompts)
         pad_id = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
         pads = torch.tensor([longest - len(p) for p in prompts], device=device)
         tokens = torch.full((b, longest), pad_id, dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
             tokens[i, longest - len(p) :] = torch.tensor(p, device=device)
         compute = torch.arange(longest, device=device)[None, :] >= pads[:, None]  # B T
-        caches = self.model.new_caches(b, longest + max(max_new, 1))
+        return tokens, pads, compute, self.model.new_caches(b, longest + room)
+
+    def prefill(self, prompts: list[list[int]], recorder: RouteRecorder | None = None) -> list[torch.Tensor]:
+        """Run prompts through the model once; logits [T_i, V] of every position of each prompt."""
+        self._validate(prompts, SamplingParams())
+        tokens, pads, compute, caches = self._batch(prompts, 0)
+        logits = self.model(tokens, caches, 0, pads, compute, recorder)
+        self.cache.take_stats()
+        return [logits[i, int(pads[i]) :] for i in range(len(prompts))]
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> GenerationResult:
+        self._validate(prompts, params)
+        device = self.device
+        b = len(prompts)
+        longest = max(len(p) for p in prompts)
+        max_new = min(params.max_new_tokens, self.spec.max_positions - longest)
+        tokens, pads, compute, caches = self._batch(prompts, max(max_new, 1))
         generator = torch.Generator().manual_seed(params.seed)
         eos = set(params.stop_token_ids) | (set(self.spec.eos_token_ids) if params.stop_on_eos else set())
         stats = RunStats()
@@ -151,7 +166,7 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(device)
 
         t0 = time.perf_counter()
-        logits = self.model(tokens, caches, 0, pads, compute)[:, -1]  # B V
+        logits = self.model(tokens, caches, 0, pads, compute, last_only=True)[:, -1]  # B V
         stats.record(self.cache.take_stats())
         prefill_s = time.perf_counter() - t0
 
@@ -172,7 +187,7 @@ class Engine:
                 break
             t_step = time.perf_counter()
             live = torch.tensor(alive, device=device)
-            logits = self.model(next_ids[:, None], caches, longest + step, pads, live[:, None])[:, -1]
+            logits = self.model(next_ids[:, None], caches, longest + step, pads, live[:, None], last_only=True)[:, -1]
             stats.record(self.cache.take_stats())
             step_s.append(time.perf_counter() - t_step)
         decode_s = time.perf_counter() - t0
@@ -190,14 +205,7 @@ class Engine:
 
     def logits(self, prompt: list[int]) -> torch.Tensor:
         """Logits [T, V] for every position of one prompt (for checking against a reference)."""
-        self._validate([prompt], SamplingParams())
-        tokens = torch.tensor([prompt], device=self.device)
-        caches = self.model.new_caches(1, len(prompt))
-        pads = torch.zeros(1, dtype=torch.long, device=self.device)
-        compute = torch.ones_like(tokens, dtype=torch.bool)
-        out = self.model(tokens, caches, 0, pads, compute)[0]
-        self.cache.take_stats()
-        return out
+        return self.prefill([prompt])[0]
 
     def _memory(self, caches) -> MemoryReport:
         kv = sum(t.numel() * t.element_size() for c in caches for t in c.t.values())

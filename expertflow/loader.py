@@ -32,7 +32,7 @@ from expertflow.spec import Family, ModelSpec
 @dataclass(frozen=True)
 class LoadOptions:
     device: str = "cpu"
-    dtype: torch.dtype | None = None  # None: the checkpoint's dtype
+    dtype: torch.dtype | None = None  # None: the checkpoint's on CUDA, float32 on CPU
     expert_budget: str = "100%"  # of all routed-expert bytes, or an absolute size
     host_budget: str = "100%"
     policy: str = "lru"
@@ -89,7 +89,8 @@ def load(directory: str | Path, options: LoadOptions = LoadOptions()) -> LoadedM
     device = _device(options.device)
     family, config = read_config(directory)
     spec: ModelSpec = family.build_spec(config)
-    dtype = options.dtype or spec.dtype
+    # CPUs run bf16/fp16 matmuls slowly or by emulation, and fp32 is exact there.
+    dtype = options.dtype or (spec.dtype if device.type == "cuda" else torch.float32)
     files = CheckpointFiles(directory)
     quantized = [n for n in files.tensors if n.endswith(("weight_scale_inv", ".qweight", ".scales"))]
     if quantized:

@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from expertflow.layers import MLP, Attention, KVCache, MLAttention, RMSNorm, rotary_cos_sin
-from expertflow.moe import MoEBlock
+from expertflow.moe import MoEBlock, RouteRecorder
 from expertflow.spec import LayerSpec, ModelSpec
 
 
 class Block(nn.Module):
     def __init__(self, spec: ModelSpec, layer_spec: LayerSpec, index: int):
         super().__init__()
+        self.index = index
         attn_cls = MLAttention if spec.attention.kind == "mla" else Attention
         self.attn_norm = RMSNorm(spec.hidden, spec.rms_eps)
         self.attn = attn_cls(spec.attention, spec.hidden, spec.rms_eps)
@@ -35,15 +36,17 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(spec.hidden, layer_spec.dense_ffn, spec.act)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache, start: int, compute: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache, start: int, compute, recorder: RouteRecorder | None):
         h = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
+        if recorder is not None:
+            recorder.on_attention_out(self.index, h[compute])
         y = self.mlp_norm(h)
         if hasattr(self, "mlp"):
             return h + self.mlp(y)
         # Only tokens that need an output go through the experts: padding and finished
         # requests would otherwise pull experts in for nothing.
         out = torch.zeros_like(y)
-        out[compute] = self.moe(y[compute])  # N D
+        out[compute] = self.moe(y[compute], recorder)  # N D
         return h + out
 
 
@@ -69,8 +72,10 @@ class MoETransformer(nn.Module):
         start: int,  # cache column of tokens[:, 0]
         pads: torch.Tensor,  # B, left padding per request
         compute: torch.Tensor,  # B T bool: positions whose outputs matter
+        recorder: RouteRecorder | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits [B, T, V] for the new tokens (only the last ones are usually needed)."""
+        """Logits [B, T, V] for the new tokens ([B, 1, V] with last_only)."""
         b, t = tokens.shape
         device = tokens.device
         cols = torch.arange(start, start + t, device=device)  # T
@@ -83,5 +88,7 @@ class MoETransformer(nn.Module):
         x = self.embed(tokens)  # B T D
         cos, sin = rotary_cos_sin(positions, self.inv_freq, self.spec.rope_scale, x.dtype)
         for blk, cache in zip(self.layers, caches):
-            x = blk(x, cos, sin, mask, cache, start, compute)
+            x = blk(x, cos, sin, mask, cache, start, compute, recorder)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))

@@ -13,12 +13,22 @@ Not for: deciding residency (expert_store) or the dense parts of a layer (layers
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
 from expert_store.device_cache import ExpertCache
 from expertflow.layers import ACTIVATIONS, MLP
 from expertflow.spec import MoESpec, RouterSpec
+
+
+class RouteRecorder(Protocol):
+    """Receives routing as it happens (for traces); the model never depends on what it does."""
+
+    def on_route(self, layer: int, ids: torch.Tensor, scores: torch.Tensor) -> None: ...
+
+    def on_attention_out(self, layer: int, h: torch.Tensor) -> None: ...
 
 
 class Router(nn.Module):
@@ -29,8 +39,8 @@ class Router(nn.Module):
         if spec.correction_bias:
             self.bias = nn.Parameter(torch.zeros(spec.n_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, D] -> (expert ids [N, K], weights [N, K] float32)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (expert ids [N, K], combine weights [N, K], router scores of the picks [N, K]), float32."""
         s = self.spec
         logits = x.float() @ self.weight.float().t()  # N E
         scores = logits.softmax(-1) if s.scoring == "softmax" else logits.sigmoid()
@@ -45,10 +55,10 @@ class Router(nn.Module):
             keep = keep.bool()[..., None].expand_as(grouped).reshape_as(choice)
             choice = choice.masked_fill(~keep, 0.0 if s.masked_fill_zero else float("-inf"))
         ids = choice.topk(s.top_k, dim=-1).indices  # N K
-        weights = scores.gather(1, ids)
+        picked = weights = scores.gather(1, ids)
         if s.norm_topk:
             weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if s.scoring == "sigmoid" else 0.0))
-        return ids, weights * s.scaling
+        return ids, weights * s.scaling, picked
 
 
 class MoEBlock(nn.Module):
@@ -64,12 +74,14 @@ class MoEBlock(nn.Module):
             self.shared_gate = nn.Linear(hidden, 1, bias=False)
         self.cache: ExpertCache | None = None  # attached by the loader
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, recorder: RouteRecorder | None = None) -> torch.Tensor:
         """x [N, D] (valid tokens only) -> [N, D]."""
         if self.cache is None:
             raise RuntimeError("MoE block has no expert cache attached")
         n, d = x.shape
-        ids, weights = self.router(x)  # N K
+        ids, weights, picked = self.router(x)  # N K
+        if recorder is not None:
+            recorder.on_route(self.layer, ids, picked)
         k = ids.shape[1]
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)  # (token, k) rows grouped by expert

@@ -1,0 +1,1 @@
+"""Offline data preparation for training small MoE models: a multi-domain corpus and its byte-level BPE tokenizer."""

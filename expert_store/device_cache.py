@@ -45,6 +45,7 @@ class ExpertCache:
         ]
         self._staging_free: list[Any | None] = [None] * len(self._staging)
         self._next_staging = 0
+        self._prefetched_unused: set[ExpertKey] = set()
         self.stats = CacheStats()
 
     @property
@@ -72,6 +73,7 @@ class ExpertCache:
             if slot is None:
                 return
             self._load(key, slot)
+            self._prefetched_unused.add(key)
             self.stats.prefetches += 1
 
     def acquire(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -103,6 +105,9 @@ class ExpertCache:
             if slot is None:
                 raise RuntimeError(f"no slot could be freed for expert {key}")
             self.copier.wait(self._ready[slot])
+            if key in self._prefetched_unused:
+                self._prefetched_unused.discard(key)
+                self.stats.prefetch_used += 1
             self.policy.on_use(key)
             gate_up, down = self.layout.views(self.slots[slot])
             yield key[1], gate_up, down
@@ -122,6 +127,9 @@ class ExpertCache:
             return None
         victim = self.policy.victim(candidates)
         self.policy.on_evict(victim)
+        if victim in self._prefetched_unused:
+            self._prefetched_unused.discard(victim)
+            self.stats.prefetch_wasted += 1
         return self.residency.release(victim)
 
     def _load(self, key: ExpertKey, slot: int) -> None:

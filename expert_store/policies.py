@@ -22,6 +22,15 @@ class CachePolicy(ABC):
     name: ClassVar[str]
     keeps_experts: ClassVar[bool] = True  # False: an expert leaves the cache right after its use
 
+    def begin_step(self, new_tokens: list[list[int]], prefill: bool = False) -> None:
+        """A forward pass starts; `new_tokens[r]` are request r's tokens entering it (none if finished).
+
+        `prefill` marks the first pass of a new batch of requests."""
+
+    def route_observer(self) -> object | None:
+        """An `expertflow.moe.RouteRecorder` that wants every token's routing, or None."""
+        return None
+
     def observe_route(self, layer: int, experts: Sequence[int]) -> None:
         """The router of `layer` just picked these experts for the current batch."""
 
@@ -35,8 +44,12 @@ class CachePolicy(ABC):
         """`key` left the cache."""
 
     def prefetch(self, next_layer: int) -> list[ExpertKey]:
-        """Experts worth loading now, before `next_layer` runs. Most likely first."""
+        """Experts worth loading now, as `next_layer` is about to route. Earliest deadline first."""
         return []
+
+    def protected(self) -> frozenset[ExpertKey]:
+        """Keys a prefetch must not evict (e.g. predicted for the layers about to run)."""
+        return frozenset()
 
     @abstractmethod
     def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
@@ -67,6 +80,10 @@ class LruPolicy(CachePolicy):
 
     def on_evict(self, key: ExpertKey) -> None:
         self._last_use.pop(key, None)
+
+    def recency(self) -> dict[ExpertKey, int]:
+        """Rank of each used key, 0 = least recently used."""
+        return {key: i for i, key in enumerate(self._last_use)}
 
     def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
         allowed = set(candidates)

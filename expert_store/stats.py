@@ -13,6 +13,8 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     prefetches: int = 0
+    prefetch_used: int = 0  # prefetched experts that compute then used
+    prefetch_wasted: int = 0  # prefetched experts evicted before any use
     bytes_from_host: int = 0
     bytes_from_nvme: int = 0
     stall_s: float = 0.0  # compute time spent waiting for expert copies
@@ -25,6 +27,11 @@ class CacheStats:
     @property
     def hit_rate(self) -> float:
         return self.hits / self.accesses if self.accesses else 0.0
+
+    @property
+    def prefetch_accuracy(self) -> float:
+        decided = self.prefetch_used + self.prefetch_wasted
+        return self.prefetch_used / decided if decided else 0.0
 
     @property
     def bytes_moved(self) -> int:
@@ -40,7 +47,12 @@ class CacheStats:
 
     def to_dict(self) -> dict[str, float | int]:
         d: dict[str, float | int] = asdict(self)
-        d.update(hit_rate=self.hit_rate, bytes_moved=self.bytes_moved, load_gbps=self.load_gbps)
+        d.update(
+            hit_rate=self.hit_rate,
+            bytes_moved=self.bytes_moved,
+            load_gbps=self.load_gbps,
+            prefetch_accuracy=self.prefetch_accuracy,
+        )
         return d
 
 

@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--host-budget", default="100%", help="host RAM for routed experts; the rest is read from NVMe")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     gen.add_argument("--dtype", choices=sorted(_DTYPES), help="compute dtype (default: the checkpoint's)")
-    gen.add_argument("--policy", default="lru", choices=sorted(POLICIES))
+    gen.add_argument("--policy", default="lru", choices=sorted(POLICIES) + ["expertflow"])
+    gen.add_argument("--predictor", type=Path, help="routing-path predictor directory (for --policy expertflow)")
+    gen.add_argument("--no-online-correction", action="store_true", help="use the predictor's raw forecasts")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -50,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     tr.add_argument("--dtype", choices=sorted(_DTYPES), help="compute dtype (default: the checkpoint's)")
     tr.add_argument("--expert-budget", default="100%")
+
+    from orchestrator import cli as orchestrator_cli
+    from predictor import cli as predictor_cli
+
+    predictor_cli.add_subcommands(sub)
+    orchestrator_cli.add_subcommands(sub)
     return parser
 
 
@@ -96,6 +104,31 @@ def _trace(args: argparse.Namespace) -> dict:
     return {"out": str(args.out), "sequences": trace.n_sequences, "tokens": len(trace.tokens), "domains": names}
 
 
+def _expertflow_policy(args: argparse.Namespace):
+    """A factory for the predictive policy, checked against the model once its spec is known."""
+    from orchestrator.live_policy import ExpertFlowPolicy
+    from predictor.learned import LearnedPredictor
+    from predictor.online import OnlineConfig
+
+    if args.predictor is None:
+        raise ValueError("--policy expertflow needs --predictor DIR (train one with `expertflow train-predictor`)")
+    if not (args.predictor / "config.json").exists():
+        raise FileNotFoundError(f"{args.predictor}: not a predictor directory (no config.json)")
+    predictor = LearnedPredictor.load(args.predictor, None if args.no_online_correction else OnlineConfig())
+
+    def factory(spec):
+        cfg = predictor.model.cfg
+        moe = spec.layers[spec.moe_layers[0]].moe
+        if (cfg.moe_layers, cfg.n_experts) != (len(spec.moe_layers), moe.router.n_experts):
+            raise ValueError(
+                f"{args.predictor}: predictor forecasts {cfg.moe_layers} MoE layers x {cfg.n_experts} experts, "
+                f"the model has {len(spec.moe_layers)} x {moe.router.n_experts}"
+            )
+        return ExpertFlowPolicy(predictor, spec.moe_layers)
+
+    return factory
+
+
 def _generate(args: argparse.Namespace) -> dict:
     from expertflow.default_model import default_model_dir
     from expertflow.engine import Engine, SamplingParams
@@ -110,6 +143,7 @@ def _generate(args: argparse.Namespace) -> dict:
         expert_budget=args.expert_budget,
         host_budget=args.host_budget,
         policy=args.policy,
+        policy_factory=_expertflow_policy(args) if args.policy == "expertflow" else None,
         progress=not args.json and sys.stderr.isatty(),
     )
     loaded = load(directory, options)
@@ -173,6 +207,15 @@ def _print_text(out: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command in ("train-predictor", "eval-predictor", "import-routes"):
+            from predictor import cli as predictor_cli
+
+            predictor_cli.run(args)
+            return 0
+        if args.command in ("simulate", "schedule"):
+            from orchestrator import cli as orchestrator_cli
+
+            return orchestrator_cli.run(args)
         out = _trace(args) if args.command == "trace" else _generate(args)
     except (CheckpointError, UnsupportedArchitecture, FileNotFoundError, ValueError, KeyError) as e:
         print(f"expertflow: error: {e}", file=sys.stderr)

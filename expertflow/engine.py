@@ -148,7 +148,8 @@ class Engine:
         """Run prompts through the model once; logits [T_i, V] of every position of each prompt."""
         self._validate(prompts, SamplingParams())
         tokens, pads, compute, caches = self._batch(prompts, 0)
-        logits = self.model(tokens, caches, 0, pads, compute, recorder)
+        self.cache.policy.begin_step([list(p) for p in prompts], prefill=True)
+        logits = self.model(tokens, caches, 0, pads, compute, recorder or self.cache.policy.route_observer())
         self.cache.take_stats()
         return [logits[i, int(pads[i]) :] for i in range(len(prompts))]
 
@@ -165,8 +166,11 @@ class Engine:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
+        policy = self.cache.policy
+        observer = policy.route_observer()
         t0 = time.perf_counter()
-        logits = self.model(tokens, caches, 0, pads, compute, last_only=True)[:, -1]  # B V
+        policy.begin_step([list(p) for p in prompts], prefill=True)
+        logits = self.model(tokens, caches, 0, pads, compute, observer, last_only=True)[:, -1]  # B V
         stats.record(self.cache.take_stats())
         prefill_s = time.perf_counter() - t0
 
@@ -187,7 +191,10 @@ class Engine:
                 break
             t_step = time.perf_counter()
             live = torch.tensor(alive, device=device)
-            logits = self.model(next_ids[:, None], caches, longest + step, pads, live[:, None], last_only=True)[:, -1]
+            policy.begin_step([[ids[i]] if alive[i] else [] for i in range(b)])
+            logits = self.model(
+                next_ids[:, None], caches, longest + step, pads, live[:, None], observer, last_only=True
+            )[:, -1]
             stats.record(self.cache.take_stats())
             step_s.append(time.perf_counter() - t_step)
         decode_s = time.perf_counter() - t0

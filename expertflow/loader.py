@@ -12,6 +12,7 @@ Not for: running requests (engine.py).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from expert_store.checkpoint import CheckpointError, CheckpointFiles
 from expert_store.device_cache import ExpertCache
 from expert_store.layout import ExpertLayout
-from expert_store.policies import make_policy
+from expert_store.policies import CachePolicy, make_policy
 from expert_store.store import LocalExpertStore
 from expert_store.transfer import make_copier
 from expertflow.budget import parse_budget
@@ -36,6 +37,9 @@ class LoadOptions:
     expert_budget: str = "100%"  # of all routed-expert bytes, or an absolute size
     host_budget: str = "100%"
     policy: str = "lru"
+    # builds the policy from the model's spec instead of `policy` (for policies that need
+    # more than a name, such as a learned predictor)
+    policy_factory: Callable[[ModelSpec], CachePolicy] | None = None
     progress: bool = False
 
 
@@ -120,7 +124,8 @@ def load(directory: str | Path, options: LoadOptions = LoadOptions()) -> LoadedM
         )
     host_budget = parse_budget(options.host_budget, len(names) * layout.slot_nbytes, "--host-budget")
     store = LocalExpertStore(files, names, layout, host_budget, device.type == "cuda", options.progress)
-    cache = ExpertCache(store, n_slots, device, make_policy(options.policy), make_copier(device))
+    policy = options.policy_factory(spec) if options.policy_factory else make_policy(options.policy)
+    cache = ExpertCache(store, n_slots, device, policy, make_copier(device))
     for i, _ in moe_layers:
         model.layers[i].moe.cache = cache
     model.eval()

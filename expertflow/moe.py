@@ -79,6 +79,10 @@ class MoEBlock(nn.Module):
         if self.cache is None:
             raise RuntimeError("MoE block has no expert cache attached")
         n, d = x.shape
+        policy = self.cache.policy
+        # Prefetches go out before this layer's routing is known, so they overlap the router
+        # and every expert this layer finds resident.
+        self.cache.prefetch(policy.prefetch(self.layer), policy.protected())
         ids, weights, picked = self.router(x)  # N K
         if recorder is not None:
             recorder.on_route(self.layer, ids, picked)
@@ -88,7 +92,7 @@ class MoEBlock(nn.Module):
         experts, counts = flat[order].unique_consecutive(return_counts=True)
         experts_list, counts_list = experts.tolist(), counts.tolist()
         rows_of = dict(zip(experts_list, order.split(counts_list)))
-        self.cache.policy.observe_route(self.layer, experts_list)
+        policy.observe_route(self.layer, experts_list)
         rows_out = x.new_empty(n * k, d)
         for e, gate_up, down in self.cache.acquire(self.layer, experts_list):
             rows = rows_of[e]

@@ -1,0 +1,228 @@
+"""`simulate` and `schedule`: replay routing traces through cache policies, or as batched decode requests.
+
+`python -m orchestrator.cli simulate ...` / `schedule ...` run standalone.
+
+`add_subcommands(subparsers)` and `run(args)` let another command line (expertflow) host it. Peers'
+predictors are fitted on `--train-traces` only; the learned one is loaded from `--predictor DIR`. Both
+are imported lazily: when one is missing, its policies are reported as n/a instead of failing.
+
+Not for: the simulation itself (simulator.py) or its output formats (report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from math import prod
+from pathlib import Path
+
+from expertflow.budget import parse_budget
+from orchestrator.policies import POLICY_NAMES, PolicyInputs
+from orchestrator.report import format_table, plot
+from orchestrator.simulator import SimConfig, compare
+from traces.format import Trace, concat, load_trace
+
+_STAND_INS = ("learned", "activation", "frequency")  # what expertflow may plan with
+
+
+def parse_bytes(text: str) -> int:
+    """`55GB/s`, `336MiB`, `3*256*320*2` or a plain count."""
+    text = text.strip().removesuffix("/s")
+    return prod(parse_budget(part, 0, "size") for part in text.split("*"))
+
+
+def add_subcommands(subparsers) -> None:
+    p = subparsers.add_parser("simulate", help="replay routing traces through cache policies on a modelled clock")
+    p.add_argument("--traces", nargs="+", type=Path, required=True, help="traces to replay, each on its own")
+    p.add_argument("--policy", default="all", help=f"comma-separated, or all: {','.join(POLICY_NAMES)}")
+    p.add_argument("--budget", default="0.1,0.25,0.5", help="cache sizes as shares of all routed experts")
+    p.add_argument("--bandwidth", default="55GB/s", help="host-to-device bytes per second")
+    p.add_argument("--layer-ms", type=float, default=0.05, help="compute time of one MoE layer's block")
+    p.add_argument("--expert-bytes", default=str(3 * 256 * 320 * 2), help="bytes of one expert, e.g. 3*512*128*2")
+    p.add_argument("--predictor", type=Path, help="learned predictor checkpoint directory (for expertflow)")
+    p.add_argument(
+        "--train-traces", nargs="+", type=Path, default=[], help="fit the peers' predictors on these (any models)"
+    )
+    p.add_argument(
+        "--expertflow-predictor",
+        choices=_STAND_INS,
+        default="learned",
+        help="what expertflow plans with (activation/frequency: the planner with a peer's predictor)",
+    )
+    p.add_argument("--max-sequences", type=int, help="replay only the first N sequences of each trace")
+    p.add_argument("--empty-per-sequence", action="store_true", help="empty the cache when a sequence starts")
+    p.add_argument("--plot", type=Path, help="write bytes and stall per token across budgets as a PNG")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
+    p.set_defaults(orchestrator_command=_simulate)
+
+    q = subparsers.add_parser("schedule", help="replay traces as decode requests: overlap micro-batches vs FIFO")
+    q.add_argument("--traces", nargs="+", type=Path, required=True)
+    q.add_argument("--train-traces", nargs="+", type=Path, default=[], help="fit the activation-matrix predictor")
+    q.add_argument("--predictor", type=Path, help="learned predictor checkpoint directory")
+    q.add_argument("--batch", type=int, default=8, help="requests per micro-batch")
+    q.add_argument("--max-wait", type=int, default=4, help="rounds a request may wait")
+    q.add_argument("--concurrency", type=int, default=32, help="requests queued at once")
+    q.add_argument("--expert-bytes", default=str(3 * 256 * 320 * 2))
+    q.add_argument("--max-sequences", type=int)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(orchestrator_command=_schedule)
+
+
+def _inputs(args: argparse.Namespace, train: Trace | None) -> PolicyInputs:
+    values: dict = {}
+    missing: list[tuple[str, str]] = []
+    if train is None:
+        missing += [(name, "needs --train-traces of this model") for name in ("frequency", "speculation", "activation")]
+    else:
+        try:
+            from predictor.baselines import (
+                ActivationMatrixPredictor,
+                GateSpeculationPredictor,
+                layer_frequency,
+            )
+
+            values["frequency"] = layer_frequency(train)
+            values["speculation"] = GateSpeculationPredictor(train)
+            values["activation"] = ActivationMatrixPredictor(train)
+        except ImportError as e:
+            missing += [(name, f"peers' predictors unavailable ({e})") for name in ("frequency", "speculation")]
+            missing.append(("activation", f"peers' predictors unavailable ({e})"))
+    if args.expertflow_predictor == "learned":
+        learned, why = _learned(args.predictor)
+    elif args.expertflow_predictor == "activation":
+        learned, why = values.get("activation"), dict(missing).get("activation")
+    else:
+        learned, why = _frequency_predictor(train), "needs --train-traces of this model"
+    if learned is None:
+        missing.append(("learned", why or "unavailable"))
+    return PolicyInputs(**values, learned=learned, unavailable=tuple(missing))
+
+
+def _learned(directory: Path | None):
+    if directory is None:
+        return None, "no learned predictor given (--predictor DIR)"
+    try:
+        from predictor.learned import LearnedPredictor
+    except ImportError:
+        try:
+            from predictor.model import LearnedPredictor
+        except ImportError as e:
+            return None, f"learned predictor unavailable ({e})"
+    try:
+        return LearnedPredictor.load(directory), None
+    except Exception as e:  # a bad checkpoint must not stop the baselines from running
+        return None, f"learned predictor could not be loaded from {directory}: {e}"
+
+
+def _frequency_predictor(train: Trace | None):
+    if train is None:
+        return None
+    try:
+        from predictor.baselines import FrequencyPredictor
+    except ImportError:
+        return None
+    return FrequencyPredictor(train)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the subcommand `add_subcommands` parsed (simulate or schedule); the exit code."""
+    return args.orchestrator_command(args)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    policies = POLICY_NAMES if args.policy == "all" else tuple(p.strip() for p in args.policy.split(","))
+    unknown = [p for p in policies if p not in POLICY_NAMES]
+    if unknown:
+        print(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}", file=sys.stderr)
+        return 2
+    budgets = [float(b) for b in args.budget.split(",")]
+    train = _train_by_shape(args.train_traces)
+    results = []
+    for path in args.traces:
+        trace = load_trace(path)
+        if args.max_sequences:
+            trace = trace.select(list(range(min(args.max_sequences, trace.n_sequences))))
+        inputs = _inputs(args, train.get(_shape(trace)))
+        for budget in budgets:
+            config = SimConfig(
+                budget=budget,
+                bandwidth=float(parse_bytes(args.bandwidth)),
+                expert_bytes=parse_bytes(args.expert_bytes),
+                layer_ms=args.layer_ms,
+                empty_per_sequence=args.empty_per_sequence,
+            )
+            print(f"{path.stem}: budget {budget:g}", file=sys.stderr)
+            results += compare(trace, policies, config, inputs, label=path.stem)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=1))
+    else:
+        print(format_table(results))
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from orchestrator.scheduler import SchedulerConfig, compare_schedulers
+
+    config = SchedulerConfig(batch=args.batch, max_wait=args.max_wait)
+    train = _train_by_shape(args.train_traces)
+    rows = []
+    for path in args.traces:
+        trace = load_trace(path)
+        if args.max_sequences:
+            trace = trace.select(list(range(min(args.max_sequences, trace.n_sequences))))
+        predicted = {}
+        for predictor in (_learned(args.predictor)[0], _activation_predictor(train.get(_shape(trace)))):
+            if predictor is not None and predictor.supports(trace) is None:
+                predicted[predictor.name] = lambda s, p=predictor, t=trace: p.predict(t, s)
+        for r in compare_schedulers(trace, config, predicted, args.concurrency, parse_bytes(args.expert_bytes)):
+            rows.append(dict(trace=path.stem, batch=args.batch, max_wait_bound=args.max_wait, **asdict(r)))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(
+        f"{'trace':<14} {'scheduler':<32} {'rounds':>7} {'batch':>6} {'distinct/round':>14} {'MB/token':>9} {'max wait':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['trace']:<14} {r['scheduler']:<32} {r['rounds']:>7} {r['mean_batch']:>6.2f} "
+            f"{r['mean_distinct']:>14.2f} {r['bytes_per_token'] / 1e6:>9.3f} {r['max_wait']:>8}"
+        )
+    return 0
+
+
+def _shape(trace: Trace) -> tuple[int, int, int]:
+    return len(trace.info.moe_layers), trace.info.n_experts, trace.info.top_k
+
+
+def _train_by_shape(paths: list[Path]) -> dict[tuple[int, int, int], Trace]:
+    """Training traces of each model shape, concatenated: one command may replay traces of several models."""
+    groups: dict[tuple[int, int, int], list[Trace]] = {}
+    for p in paths:
+        t = load_trace(p)
+        groups.setdefault(_shape(t), []).append(t)
+    return {shape: concat(ts) for shape, ts in groups.items()}
+
+
+def _activation_predictor(train: Trace | None):
+    if train is None:
+        return None
+    try:
+        from predictor.baselines import ActivationMatrixPredictor
+    except ImportError:
+        return None
+    return ActivationMatrixPredictor(train)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.cli", description=__doc__.splitlines()[0])
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The prefetch planner: which experts to copy next, in which order, and what to cancel and evict.
+
+A pure function of one `PlanInput` (predictions, residency, the copy queue, measured times) to one
+`Plan`; no torch, no CUDA, no clock of its own, so the simulator and the live engine run this exact code.
+
+    deadline      a key (MoE layer l, expert e) is due when layer l next starts: this token for layers
+                  >= `PlanInput.layer`, the next token for the layers before it
+    admission     keys likelier than `threshold`, earliest deadline first (likeliest first within a
+                  layer), each admitted only if one more transfer behind the queue still lands by its
+                  deadline plus the allowed lateness, and if it is worth its link time: p x (stall a
+                  demand load would cost, less the lateness) > (1 - p) x transfer x link busy share,
+                  so a saturated link (transfers slower than layers) only takes likely keys
+    cancellation  queued, not yet started transfers whose key fell to the threshold or below, or that can
+                  no longer land in time; started copies cannot be recalled
+    eviction      Belady with predictions: a key's expected next use is its deadline if used then (p),
+                  else a geometric wait at its per-token rate q (`rate`, default p): deadline + (1-p)/q
+                  tokens; the victim is the resident key used furthest away, only if that is a margin
+                  later than the fetched key's use and it is not predicted (p > threshold) before the
+                  fetched key's deadline
+
+The caller executes a plan in order: cancel, evict, then queue `fetch` behind any demand loads, keeping
+its queue earliest deadline first. Misses at execution time are the caller's (loaded at top priority).
+
+Not for: predicting routes (predictor/), moving bytes or owning slots (expert_store/), measuring time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Key = tuple[int, int]  # (MoE layer index 0..L-1, expert); not the model's layer number
+
+_P_FLOOR = 1e-6  # keeps "never predicted" finite, so such keys still order by deadline
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    # Fetch only keys likelier than this; queued keys at or below it are cancelled. 0.35 did best for
+    # stall and bytes on the validation traces in the simulator (0.1-0.5 tried, activation-matrix
+    # predictions standing in for the learned ones): lower thresholds mostly add wasted copies.
+    threshold: float = 0.35
+    # How late a prefetch may land after its layer starts. None: one transfer time, since a prefetch
+    # landing later than that saves nothing over the demand load issued when the layer starts.
+    max_lateness_ms: float | None = None
+    # A resident key is evicted for a fetch only if its expected next use is this many tokens later than
+    # the fetched key's: probabilities are estimates, and swapping two keys of nearly equal promise
+    # costs a transfer for no expected gain.
+    swap_margin_tokens: float = 1.0
+
+
+@dataclass(frozen=True)
+class InFlight:
+    key: Key
+    eta_ms: float  # when it is expected to land
+    started: bool  # already copying: it cannot be cancelled
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """Everything the planner knows; arrays are read, never written. L = MoE layers, E = experts."""
+
+    probs: np.ndarray  # [L, E] P(key used at its next chance): this token for layers >= layer, else the next
+    layer: int  # the next MoE layer to start, 0..L (L: the token's last layer is running)
+    next_start_ms: float  # when MoE layer `layer` starts (>= now_ms; the next token's start if layer == L)
+    now_ms: float  # the copy engine's clock
+    layer_ms: tuple[float, ...]  # [L] measured time of each MoE layer's whole block
+    transfer_ms: float  # one expert over the host link
+    n_slots: int
+    resident: np.ndarray  # [L, E] bool: landed in a slot
+    in_flight: tuple[InFlight, ...] = ()  # slot taken, not landed: the copy queue, demand loads included
+    pinned: frozenset[Key] = field(default_factory=frozenset)  # never evicted nor cancelled (the running layer's)
+    # [L, E] per-token use rate after the next chance (e.g. recent routing); None: `probs` again. Only
+    # eviction reads it: a key not predicted for the next chance but used every few tokens should stay.
+    rate: np.ndarray | None = None
+    link_busy: float = 0.0  # share of recent time the link spent copying, 0..1 (measured by the caller)
+
+    def __post_init__(self) -> None:
+        n_layers = self.probs.shape[0]
+        if self.resident.shape != self.probs.shape or len(self.layer_ms) != n_layers:
+            raise ValueError("plan input: probs, resident and layer_ms disagree on the number of layers/experts")
+        if not 0 <= self.layer <= n_layers:
+            raise ValueError(f"plan input: layer {self.layer} outside 0..{n_layers}")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    key: Key
+    deadline_ms: float  # when its layer starts
+    eta_ms: float  # when it lands if the queue runs as planned
+    prob: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    fetch: tuple[Transfer, ...] = ()  # earliest deadline first
+    cancel: tuple[Key, ...] = ()
+    evict: tuple[Key, ...] = ()  # resident keys to free, one per fetch that found no free slot
+
+
+def layer_starts(layer: int, next_start_ms: float, layer_ms: Sequence[float]) -> np.ndarray:
+    """[L] when each MoE layer next starts, given that layer `layer` starts at `next_start_ms`."""
+    ms = np.asarray(layer_ms, np.float64)
+    before = np.concatenate([[0.0], np.cumsum(ms)])  # before[l] = time from a token's start to layer l
+    starts = next_start_ms + before[:-1] - before[layer]
+    starts[:layer] += before[-1]  # those layers come back with the next token
+    return starts
+
+
+def next_use_ms(inp: PlanInput) -> np.ndarray:
+    """[L, E] expected time of each key's next use: its next chance (deadline) if used then (p), else
+    a geometric wait of 1/q more tokens (q = rate): deadline + (1 - p) / q tokens."""
+    starts = layer_starts(inp.layer, inp.next_start_ms, inp.layer_ms)
+    p = np.clip(inp.probs, 0.0, 1.0)
+    q = np.clip(p if inp.rate is None else inp.rate, _P_FLOOR, 1.0)
+    return starts[:, None] + float(sum(inp.layer_ms)) * (1.0 - p) / q
+
+
+def victim(inp: PlanInput, candidates: Sequence[Key], use_ms: np.ndarray | None = None) -> Key:
+    """The candidate with the furthest expected next use (for misses, which must evict something)."""
+    use = next_use_ms(inp) if use_ms is None else use_ms
+    return max(candidates, key=lambda k: use[k])
+
+
+def plan(inp: PlanInput, config: PlanConfig = PlanConfig()) -> Plan:
+    probs = inp.probs
+    starts = layer_starts(inp.layer, inp.next_start_ms, inp.layer_ms)
+    use = next_use_ms(inp)
+    lateness = inp.transfer_ms if config.max_lateness_ms is None else config.max_lateness_ms
+    margin = config.swap_margin_tokens * float(sum(inp.layer_ms))
+    free = inp.n_slots - int(inp.resident.sum()) - len(inp.in_flight)
+    # The queue is served in order, so new transfers land one transfer apart after the started ones.
+    clock = max([f.eta_ms for f in inp.in_flight if f.started], default=inp.now_ms)
+    cancel: list[Key] = []
+    queue: list[tuple[float, float, bool, Key]] = []  # (deadline, -p, new, key)
+    flying = set()
+    for f in inp.in_flight:
+        flying.add(f.key)
+        if f.started:
+            continue
+        p = float(probs[f.key])
+        if f.key in inp.pinned:
+            queue.append((-np.inf, -1.0, False, f.key))  # a demand load: first in any queue
+        elif p <= config.threshold:
+            cancel.append(f.key)
+            free += 1
+        else:
+            queue.append((float(starts[f.key[0]]), -p, False, f.key))
+    layers, experts = np.nonzero((probs > config.threshold) & ~inp.resident)
+    for key in zip(layers.tolist(), experts.tolist()):
+        if key not in flying:
+            queue.append((float(starts[key[0]]), -float(probs[key]), True, key))
+    queue.sort()
+
+    fetch: list[Transfer] = []
+    evict: list[Key] = []
+    order: list[Key] | None = None  # resident keys, furthest expected use first; built when first needed
+    for deadline, neg_p, new, key in queue:
+        eta = clock + inp.transfer_ms
+        if eta > deadline + lateness and key not in inp.pinned:
+            if not new:
+                cancel.append(key)
+                free += 1
+            continue
+        if new:
+            # Worth its link time? Used (p), it saves the demand load's stall less its own lateness;
+            # unused, it holds up the copies behind it as far as the link is busy anyway.
+            saved = inp.transfer_ms - max(0.0, eta - deadline)
+            if -neg_p * saved < (1.0 + neg_p) * inp.transfer_ms * inp.link_busy:
+                continue
+            if free > 0:
+                free -= 1
+            else:
+                if order is None:
+                    order = _eviction_order(inp, use)
+                out = _pick_victim(order, key, deadline, use, starts, probs, config.threshold, margin)
+                if out is None:
+                    continue
+                evict.append(out)
+            fetch.append(Transfer(key, deadline, eta, -neg_p))
+        clock = eta
+    return Plan(tuple(fetch), tuple(cancel), tuple(evict))
+
+
+def _eviction_order(inp: PlanInput, use: np.ndarray) -> list[Key]:
+    layers, experts = np.nonzero(inp.resident)
+    order = np.argsort(-use[layers, experts], kind="stable")
+    keys = [(int(layers[i]), int(experts[i])) for i in order]
+    return [k for k in keys if k not in inp.pinned]
+
+
+def _pick_victim(
+    order: list[Key],
+    key: Key,
+    deadline: float,
+    use: np.ndarray,
+    starts: np.ndarray,
+    probs: np.ndarray,
+    threshold: float,
+    margin: float,
+) -> Key | None:
+    """Take (and remove from `order`) the first resident key that may make room for `key`."""
+    for i, r in enumerate(order):
+        if use[r] <= use[key] + margin:
+            return None  # sorted: every later candidate is used even sooner
+        if probs[r] <= threshold or starts[r[0]] >= deadline:  # not needed before `key`
+            return order.pop(i)
+    return None

@@ -1,0 +1,119 @@
+"""The learned predictor as a RoutePredictor: replay a recorded sequence, or follow one live request.
+
+Both paths read a sequence in the same windows of the model's context (token t is predicted from the
+window starting at `window_start(t)`, which gives it at least half a context of history), so a session
+fed a recorded sequence token by token predicts what `predict(trace, s)` does for it.
+
+With `online` set, the model's probabilities pass through the request's OnlineCorrector (online.py).
+
+Not for: the network or its checkpoints (model.py), training (train.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from predictor.base import PredictorSession, RoutePredictor
+from predictor.baselines import multi_hot
+from predictor.model import RouteTransformer, load_model
+from predictor.online import OnlineConfig, OnlineCorrector, correct_sequence
+from traces.format import Trace
+
+
+def window_start(t: int, context: int) -> int:
+    """First position of the window that predicts position t: 0, then steps of half a context."""
+    half = context // 2
+    return 0 if t < context else ((t - context) // half + 1) * half
+
+
+@torch.no_grad()
+def sequence_probs(model: RouteTransformer, tokens: np.ndarray, routes: np.ndarray, batch: int = 32) -> np.ndarray:
+    """[T, L, E] probabilities for one sequence: tokens [T], observed routes [T, L*E] (row t = token t's)."""
+    ctx, half = model.cfg.context, model.cfg.context // 2
+    n = len(tokens)
+    prev = np.concatenate([np.zeros((1, routes.shape[1]), np.float32), routes[:-1]])  # routes of token t-1
+    starts = [0] + [i * half for i in range(1, max(1, -(-n // half) - 1))]
+    out = np.empty((n, model.cfg.moe_layers, model.cfg.n_experts), np.float32)
+    for b in range(0, len(starts), batch):
+        group = starts[b : b + batch]
+        width = min(ctx, n - group[0])
+        tok = np.zeros((len(group), width), np.int64)
+        rte = np.zeros((len(group), width, routes.shape[1]), np.float32)
+        for i, w in enumerate(group):  # windows shorter than `width` are padded at the end: causal, so harmless
+            m = min(width, n - w)
+            tok[i, :m], rte[i, :m] = tokens[w : w + m], prev[w : w + m]
+        probs = model.probabilities(model(torch.from_numpy(tok), torch.from_numpy(rte))).numpy()
+        for i, w in enumerate(group):
+            lo = 0 if w == 0 else half  # the window's own positions: after its first half
+            hi = min(ctx, n - w)
+            out[w + lo : w + hi] = probs[i, lo:hi]
+    return out
+
+
+class LearnedPredictor(RoutePredictor):
+    name: ClassVar[str] = "learned"
+    horizon = "token"
+
+    def __init__(self, model: RouteTransformer, online: OnlineConfig | None = None) -> None:
+        self.model = model.eval()
+        self.online = online
+        self.label = "learned+online" if online is not None else "learned"
+
+    @classmethod
+    def load(cls, directory: str | Path, online: OnlineConfig | None = None) -> LearnedPredictor:
+        return cls(load_model(directory), online)
+
+    def supports(self, trace: Trace) -> str | None:
+        cfg = self.model.cfg
+        if (len(trace.info.moe_layers), trace.info.n_experts) != (cfg.moe_layers, cfg.n_experts):
+            return f"trained for {cfg.moe_layers} MoE layers x {cfg.n_experts} experts, trace has other routing"
+        return None
+
+    def predict(self, trace: Trace, s: int) -> np.ndarray:
+        sl = trace.sequence(s)
+        experts = trace.experts[sl]
+        routes = multi_hot(experts, trace.info.n_experts).reshape(len(experts), -1)
+        probs = sequence_probs(self.model, trace.tokens[sl].astype(np.int64), routes)
+        return probs if self.online is None else correct_sequence(probs, experts, self.online)
+
+    def session(self) -> PredictorSession:
+        return LearnedSession(self.model, self.online)
+
+
+class LearnedSession(PredictorSession):
+    """One request's token and route history; each predict() reruns the model over the current window."""
+
+    def __init__(self, model: RouteTransformer, online: OnlineConfig | None = None) -> None:
+        cfg = model.cfg
+        self.model = model
+        self.tokens: list[int] = []
+        self.routes: list[np.ndarray] = []  # [L*E] per token, filled as observe_route reports layers
+        self.corrector = None if online is None else OnlineCorrector(online, cfg.moe_layers, cfg.n_experts, cfg.top_k)
+
+    def observe_token(self, token_id: int) -> None:
+        self.tokens.append(int(token_id))
+        self.routes.append(np.zeros(self.model.cfg.moe_layers * self.model.cfg.n_experts, np.float32))
+
+    def observe_route(self, layer_index: int, experts: list[int]) -> None:
+        if not self.tokens:
+            raise RuntimeError("observe_route before any observe_token")
+        e = self.model.cfg.n_experts
+        self.routes[-1][layer_index * e + np.asarray(experts, np.int64)] = 1.0
+        if self.corrector is not None:
+            self.corrector.observe(layer_index, experts)
+
+    def predict(self) -> np.ndarray:
+        if not self.tokens:
+            raise RuntimeError("predict before any observe_token")
+        t = len(self.tokens) - 1
+        w = window_start(t, self.model.cfg.context)
+        zero = np.zeros_like(self.routes[0])
+        prev = np.stack([self.routes[i - 1] if i > 0 else zero for i in range(w, t + 1)])
+        tok = torch.tensor([self.tokens[w : t + 1]], dtype=torch.long)
+        with torch.no_grad():
+            probs = self.model.probabilities(self.model(tok, torch.from_numpy(prev)[None]))[0, -1].numpy()
+        return probs if self.corrector is None else self.corrector.blend(probs)

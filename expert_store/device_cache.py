@@ -66,10 +66,11 @@ class ExpertCache:
 
     def prefetch(self, keys: Sequence[ExpertKey], protected: frozenset[ExpertKey] = frozenset()) -> None:
         """Start loading `keys` (most wanted first) without evicting anything in `protected`."""
+        keep = protected | set(keys)
         for key in keys:
             if key in self.residency:
                 continue
-            slot = self._make_room(protected | set(keys))
+            slot = self._make_room(keep)
             if slot is None:
                 return
             self._load(key, slot)

@@ -55,7 +55,9 @@ class TraceRecorder:
         for j, layer in enumerate(self.moe_layers):
             if layer in self._spec:
                 spec[:, j] = self._spec[layer].cpu().numpy()
-        self._ids.clear(), self._scores.clear(), self._spec.clear()
+        self._ids.clear()
+        self._scores.clear()
+        self._spec.clear()
         return ids.astype(dtype), scores.astype(np.float16), spec.astype(dtype)
 
 
@@ -105,7 +107,6 @@ def record(
     dtype = expert_dtype(moe0.router.n_experts)
     sentinel = 255 if dtype == np.uint8 else -1
     recorder = TraceRecorder(model)
-    experts, scores, spec_experts = [], [], []
     # Sorting by length keeps padding (wasted compute) low; the trace keeps the input order.
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     per_seq: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -118,8 +119,7 @@ def record(
             n = len(sequences[i])
             per_seq[i] = (e[offset : offset + n], s[offset : offset + n], p[offset : offset + n])
             offset += n
-    for i in range(len(sequences)):
-        experts.append(per_seq[i][0]), scores.append(per_seq[i][1]), spec_experts.append(per_seq[i][2])
+    experts, scores, spec_experts = (list(column) for column in zip(*(per_seq[i] for i in range(len(sequences)))))
     info = TraceInfo(
         model=str(engine.loaded.directory),
         family=spec.family,

@@ -3,8 +3,8 @@
 `python -m orchestrator.cli simulate ...` / `schedule ...` run standalone.
 
 `add_subcommands(subparsers)` and `run(args)` let another command line (expertflow) host it. Peers'
-predictors are fitted on `--train-traces` only; the learned one is loaded from `--predictor DIR`. Both
-are imported lazily: when one is missing, its policies are reported as n/a instead of failing.
+predictors are fitted on `--train-traces` only; the learned one is loaded from `--predictor DIR`. A policy
+whose predictor is missing (no traces, no checkpoint) is reported as n/a instead of failing.
 
 Not for: the simulation itself (simulator.py) or its output formats (report.py).
 """
@@ -22,6 +22,8 @@ from expertflow.budget import parse_budget
 from orchestrator.policies import POLICY_NAMES, PolicyInputs
 from orchestrator.report import format_table, plot
 from orchestrator.simulator import SimConfig, compare
+from predictor.baselines import ActivationMatrixPredictor, FrequencyPredictor, GateSpeculationPredictor, layer_frequency
+from predictor.learned import LearnedPredictor
 from traces.format import Trace, concat, load_trace
 
 _STAND_INS = ("learned", "activation", "frequency")  # what expertflow may plan with
@@ -76,25 +78,16 @@ def _inputs(args: argparse.Namespace, train: Trace | None) -> PolicyInputs:
     if train is None:
         missing += [(name, "needs --train-traces of this model") for name in ("frequency", "speculation", "activation")]
     else:
-        try:
-            from predictor.baselines import (
-                ActivationMatrixPredictor,
-                GateSpeculationPredictor,
-                layer_frequency,
-            )
-
-            values["frequency"] = layer_frequency(train)
-            values["speculation"] = GateSpeculationPredictor(train)
-            values["activation"] = ActivationMatrixPredictor(train)
-        except ImportError as e:
-            missing += [(name, f"peers' predictors unavailable ({e})") for name in ("frequency", "speculation")]
-            missing.append(("activation", f"peers' predictors unavailable ({e})"))
+        values["frequency"] = layer_frequency(train)
+        values["speculation"] = GateSpeculationPredictor(train)
+        values["activation"] = ActivationMatrixPredictor(train)
     if args.expertflow_predictor == "learned":
         learned, why = _learned(args.predictor)
     elif args.expertflow_predictor == "activation":
         learned, why = values.get("activation"), dict(missing).get("activation")
     else:
-        learned, why = _frequency_predictor(train), "needs --train-traces of this model"
+        learned = FrequencyPredictor(train) if train is not None else None
+        why = "needs --train-traces of this model"
     if learned is None:
         missing.append(("learned", why or "unavailable"))
     return PolicyInputs(**values, learned=learned, unavailable=tuple(missing))
@@ -104,26 +97,9 @@ def _learned(directory: Path | None):
     if directory is None:
         return None, "no learned predictor given (--predictor DIR)"
     try:
-        from predictor.learned import LearnedPredictor
-    except ImportError:
-        try:
-            from predictor.model import LearnedPredictor
-        except ImportError as e:
-            return None, f"learned predictor unavailable ({e})"
-    try:
         return LearnedPredictor.load(directory), None
     except Exception as e:  # a bad checkpoint must not stop the baselines from running
         return None, f"learned predictor could not be loaded from {directory}: {e}"
-
-
-def _frequency_predictor(train: Trace | None):
-    if train is None:
-        return None
-    try:
-        from predictor.baselines import FrequencyPredictor
-    except ImportError:
-        return None
-    return FrequencyPredictor(train)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,7 +151,7 @@ def _schedule(args: argparse.Namespace) -> int:
         if args.max_sequences:
             trace = trace.select(list(range(min(args.max_sequences, trace.n_sequences))))
         predicted = {}
-        for predictor in (_learned(args.predictor)[0], _activation_predictor(train.get(_shape(trace)))):
+        for predictor in (_learned(args.predictor)[0], _activation(train.get(_shape(trace)))):
             if predictor is not None and predictor.supports(trace) is None:
                 predicted[predictor.name] = lambda s, p=predictor, t=trace: p.predict(t, s)
         for r in compare_schedulers(trace, config, predicted, args.concurrency, parse_bytes(args.expert_bytes)):
@@ -207,14 +183,8 @@ def _train_by_shape(paths: list[Path]) -> dict[tuple[int, int, int], Trace]:
     return {shape: concat(ts) for shape, ts in groups.items()}
 
 
-def _activation_predictor(train: Trace | None):
-    if train is None:
-        return None
-    try:
-        from predictor.baselines import ActivationMatrixPredictor
-    except ImportError:
-        return None
-    return ActivationMatrixPredictor(train)
+def _activation(train: Trace | None) -> ActivationMatrixPredictor | None:
+    return ActivationMatrixPredictor(train) if train is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,7 @@ class ExpertFlowPolicy(CachePolicy):
         self._step_observed = False  # were this step's tokens already given to the sessions?
         self._probs: np.ndarray | None = None  # [L, E]: P(some live request uses (layer, expert))
         self._issued: set[ExpertKey] = set()
+        self._window: frozenset[ExpertKey] = frozenset()  # predicted keys of the layers about to run
         self._current = 0  # MoE layer index (0-based) now running
         self._lru = LruPolicy()  # recency: the tie-break, and the whole rule before any prediction
 
@@ -78,6 +79,7 @@ class ExpertFlowPolicy(CachePolicy):
             self._feed_routes(routes)
         self._step_tokens = [list(t) for t in new_tokens]
         self._issued.clear()
+        self._window = frozenset()
         self._current = 0
         self._probs = None
         if prefill:
@@ -122,12 +124,14 @@ class ExpertFlowPolicy(CachePolicy):
 
     def prefetch(self, next_layer: int) -> list[ExpertKey]:
         self._current = self._index.get(next_layer, 0)
-        keys = [k for k in self._wanted(self._current, self._current + self.lookahead) if k not in self._issued]
+        wanted = self._wanted(self._current, self._current + self.lookahead)
+        self._window = frozenset(wanted)
+        keys = [k for k in wanted if k not in self._issued]
         self._issued.update(keys)
         return keys
 
     def protected(self) -> frozenset[ExpertKey]:
-        return frozenset(self._wanted(self._current, self._current + self.lookahead))
+        return self._window
 
     def on_use(self, key: ExpertKey) -> None:
         self._lru.on_use(key)

@@ -25,6 +25,7 @@ from expertflow.loader import LoadOptions, load
 from orchestrator.live_policy import ExpertFlowPolicy
 from predictor.learned import LearnedPredictor
 from predictor.online import OnlineConfig
+from expert_store.stats import CacheStats
 from traces.format import load_trace
 
 
@@ -37,7 +38,10 @@ def prompts_from_trace(path: Path, per_domain: int, length: int) -> list[list[in
     return out
 
 
-def run(model: Path, device: str, budget: str, policy: str, predictor_dir: Path, prompts, new_tokens: int) -> dict:
+def run(
+    model: Path, device: str, budget: str, policy: str, predictor_dir: Path, prompts, new_tokens: int, batch: int = 0
+) -> dict:
+    """One policy at one budget over all prompts, `batch` requests at a time (0: all at once)."""
     factory = None
     if policy.startswith("expertflow"):
         online = None if policy == "expertflow-raw" else OnlineConfig()
@@ -48,21 +52,27 @@ def run(model: Path, device: str, budget: str, policy: str, predictor_dir: Path,
     engine = Engine(loaded)
     params = SamplingParams(max_new_tokens=new_tokens, stop_on_eos=False)
     engine.generate(prompts[:1], SamplingParams(max_new_tokens=2, stop_on_eos=False))  # warm-up
-    result = engine.generate(prompts, params)
-    s = result.stats.total
+    size = batch or len(prompts)
+    results = [engine.generate(prompts[i : i + size], params) for i in range(0, len(prompts), size)]
+    s = CacheStats()
+    for r in results:
+        s.add(r.stats.total)
+    decode_s = sum(r.decode_s for r in results)
     out = {
         "budget": budget,
         "policy": policy,
+        "batch": size,
         "slots": loaded.cache.n_slots,
-        "tokens_per_s": result.tokens_per_s,
-        "decode_s": result.decode_s,
+        "tokens_per_s": sum(r.tokens_per_s * r.decode_s for r in results) / decode_s if decode_s else 0.0,
+        "decode_s": decode_s,
         "hit_rate": s.hit_rate,
         "misses": s.misses,
         "prefetches": s.prefetches,
         "prefetch_accuracy": s.prefetch_accuracy,
+        "prefetch_cancelled": s.prefetch_cancelled,
         "bytes_moved": s.bytes_moved,
         "stall_s": s.stall_s,
-        "tokens": [o.token_ids for o in result.outputs],
+        "tokens": [o.token_ids for r in results for o in r.outputs],
     }
     loaded.close()
     return out
@@ -79,6 +89,7 @@ def main() -> None:
     parser.add_argument("--per-domain", type=int, default=2)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=0, help="requests per generate call (0: all at once)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model = args.model or default_model_dir()
@@ -86,7 +97,7 @@ def main() -> None:
     # The first run in a process pays for warming up (allocator, kernels, clocks): discard one.
     run(model, args.device, args.budgets.split(",")[0], "lru", args.predictor, prompts, 4)
     runs = [
-        run(model, args.device, b, p, args.predictor, prompts, args.new_tokens)
+        run(model, args.device, b, p, args.predictor, prompts, args.new_tokens, args.batch)
         for b in args.budgets.split(",")
         for p in args.policies.split(",")
     ]
@@ -97,6 +108,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "model": str(model.name),
         "requests": len(prompts),
+        "new_tokens": args.new_tokens,
         "outputs_identical_across_policies": identical,
         "runs": runs,
     }

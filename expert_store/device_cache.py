@@ -7,6 +7,11 @@ misses are loaded into free slots or slots the policy frees, never into a slot w
 expert this layer has yet to use. Evicted experts are read-only copies and are never
 written back.
 
+Prefetches wait in a software queue (the policy's, earliest deadline first) and go to the
+copy stream at most `max_inflight` at a time, so a demand load is queued behind at most that
+many copies, and a queued prefetch the policy stops asking for is cancelled before it starts.
+The queue advances whenever the cache is called (each layer and each expert it yields).
+
 Not for: deciding eviction order (policies) or reading checkpoints (store).
 """
 
@@ -29,7 +34,17 @@ _STAGING_BUFFERS = 2
 
 
 class ExpertCache:
-    def __init__(self, store: ExpertStore, n_slots: int, device: torch.device, policy: CachePolicy, copier: Copier):
+    def __init__(
+        self,
+        store: ExpertStore,
+        n_slots: int,
+        device: torch.device,
+        policy: CachePolicy,
+        copier: Copier,
+        max_inflight: int = 4,
+    ):
+        if max_inflight < 1:
+            raise ValueError("max_inflight must be at least 1")
         self.store = store
         self.layout = store.layout
         self.device = device
@@ -46,7 +61,13 @@ class ExpertCache:
         self._staging_free: list[Any | None] = [None] * len(self._staging)
         self._next_staging = 0
         self._prefetched_unused: set[ExpertKey] = set()
+        self.max_inflight = max_inflight
+        self._queue: list[ExpertKey] = []  # prefetches not yet issued, earliest deadline first
+        self._inflight: dict[ExpertKey, int] = {}  # issued prefetches that may still be copying -> slot
+        self._keep: frozenset[ExpertKey] = frozenset()  # what prefetches may not evict
+        self._busy: set[ExpertKey] = set()  # keys the running layer has yet to use
         self.stats = CacheStats()
+        policy.attach(n_slots)
 
     @property
     def n_slots(self) -> int:
@@ -65,15 +86,32 @@ class ExpertCache:
         return stats
 
     def prefetch(self, keys: Sequence[ExpertKey], protected: frozenset[ExpertKey] = frozenset()) -> None:
-        """Start loading `keys` (most wanted first) without evicting anything in `protected`."""
-        keep = protected | set(keys)
-        for key in keys:
+        """Make `keys` (earliest deadline first) the prefetch queue: queued keys not listed are cancelled,
+        the rest issued as copies allow, never evicting anything in `protected` or in `keys`."""
+        wanted = [k for k in dict.fromkeys(keys) if k not in self.residency]
+        listed = set(wanted)
+        self.stats.prefetch_cancelled += sum(1 for k in self._queue if k not in listed)
+        self._queue = wanted
+        self._keep = frozenset(protected) | listed
+        self._pump()
+
+    def _pump(self) -> None:
+        """Issue queued prefetches while fewer than `max_inflight` are copying."""
+        for key in [k for k, slot in self._inflight.items() if self.residency.lookup(k) != slot]:
+            del self._inflight[key]  # evicted meanwhile
+        for key in [k for k, slot in self._inflight.items() if self.copier.landed(self._ready[slot])]:
+            del self._inflight[key]
+        while self._queue and len(self._inflight) < self.max_inflight:
+            key = self._queue[0]
             if key in self.residency:
+                self._queue.pop(0)
                 continue
-            slot = self._make_room(keep)
+            slot = self._make_room(self._keep | self._busy)
             if slot is None:
                 return
+            self._queue.pop(0)
             self._load(key, slot)
+            self._inflight[key] = slot
             self._prefetched_unused.add(key)
             self.stats.prefetches += 1
 
@@ -89,6 +127,9 @@ class ExpertCache:
         self.stats.hits += len(hits)
         self.stats.misses += len(misses)
         unused = set(keys)
+        self._busy = unused
+        demanded = set(misses)
+        self._queue = [k for k in self._queue if k not in demanded]  # loaded now, at top priority
         queue = list(misses)
 
         def issue() -> None:
@@ -118,6 +159,8 @@ class ExpertCache:
                 self.residency.release(key)
                 self.policy.on_evict(key)
             issue()
+            self._pump()
+        self._busy = set()
 
     def _make_room(self, protected: set[ExpertKey] | frozenset[ExpertKey]) -> int | None:
         slot = self.residency.free_slot()

@@ -16,11 +16,18 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from expert_store.layout import ExpertKey
+from expert_store.stats import CacheStats
 
 
 class CachePolicy(ABC):
     name: ClassVar[str]
     keeps_experts: ClassVar[bool] = True  # False: an expert leaves the cache right after its use
+
+    def attach(self, n_slots: int) -> None:
+        """The cache this policy serves holds `n_slots` experts."""
+
+    def end_step(self, seconds: float, stats: CacheStats) -> None:
+        """A forward pass took `seconds` (wall clock) with these cache counters: measured times for planning."""
 
     def begin_step(self, new_tokens: list[list[int]], prefill: bool = False) -> None:
         """A forward pass starts; `new_tokens[r]` are request r's tokens entering it (none if finished).
@@ -44,7 +51,8 @@ class CachePolicy(ABC):
         """`key` left the cache."""
 
     def prefetch(self, next_layer: int) -> list[ExpertKey]:
-        """Experts worth loading now, as `next_layer` is about to route. Earliest deadline first."""
+        """The whole prefetch queue wanted now, as `next_layer` is about to route, earliest deadline first.
+        The cache issues it a few copies at a time; queued keys a later call no longer lists are cancelled."""
         return []
 
     def protected(self) -> frozenset[ExpertKey]:

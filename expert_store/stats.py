@@ -15,6 +15,7 @@ class CacheStats:
     prefetches: int = 0
     prefetch_used: int = 0  # prefetched experts that compute then used
     prefetch_wasted: int = 0  # prefetched experts evicted before any use
+    prefetch_cancelled: int = 0  # queued prefetches dropped before their copy started
     bytes_from_host: int = 0
     bytes_from_nvme: int = 0
     stall_s: float = 0.0  # compute time spent waiting for expert copies

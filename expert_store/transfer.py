@@ -28,6 +28,10 @@ class Copier(ABC):
         """Make compute wait until the copy behind `ready` has landed."""
 
     @abstractmethod
+    def landed(self, ready: Any | None) -> bool:
+        """Has the copy behind `ready` finished (without waiting for it)?"""
+
+    @abstractmethod
     def compute_done(self) -> Any | None:
         """A marker that passes once compute issued so far has finished."""
 
@@ -52,6 +56,9 @@ class CpuCopier(Copier):
 
     def wait(self, ready: Any | None) -> None:
         return None
+
+    def landed(self, ready: Any | None) -> bool:
+        return True  # copies are synchronous
 
     def compute_done(self) -> None:
         return None
@@ -95,6 +102,9 @@ class CudaCopier(Copier):
         compute.wait_event(ready)
         after.record(compute)
         self._stall_probes.append((before, after))
+
+    def landed(self, ready: torch.cuda.Event | None) -> bool:
+        return ready is None or ready.query()
 
     def compute_done(self) -> torch.cuda.Event:
         ev = torch.cuda.Event()

@@ -195,8 +195,10 @@ class Engine:
             logits = self.model(
                 next_ids[:, None], caches, longest + step, pads, live[:, None], observer, last_only=True
             )[:, -1]
-            stats.record(self.cache.take_stats())
+            step_stats = self.cache.take_stats()
+            stats.record(step_stats)
             step_s.append(time.perf_counter() - t_step)
+            policy.end_step(step_s[-1], step_stats)
         decode_s = time.perf_counter() - t0
 
         outputs = [RequestOutput(list(p), o, r) for p, o, r in zip(prompts, outs, reasons)]

@@ -22,11 +22,18 @@ from expertflow.budget import parse_budget
 from orchestrator.policies import POLICY_NAMES, PolicyInputs
 from orchestrator.report import format_table, plot
 from orchestrator.simulator import SimConfig, compare
-from predictor.baselines import ActivationMatrixPredictor, FrequencyPredictor, GateSpeculationPredictor, layer_frequency
+from predictor.baselines import (
+    ActivationMatrixPredictor,
+    FrequencyPredictor,
+    GateSpeculationPredictor,
+    TrueRoutes,
+    layer_frequency,
+)
 from predictor.learned import LearnedPredictor
 from traces.format import Trace, concat, load_trace
 
-_STAND_INS = ("learned", "activation", "frequency")  # what expertflow may plan with
+# What expertflow may plan with; "true-routes" is the bound with a perfect token-horizon prediction.
+_STAND_INS = ("learned", "activation", "frequency", "true-routes")
 
 
 def parse_bytes(text: str) -> int:
@@ -51,7 +58,7 @@ def add_subcommands(subparsers) -> None:
         "--expertflow-predictor",
         choices=_STAND_INS,
         default="learned",
-        help="what expertflow plans with (activation/frequency: the planner with a peer's predictor)",
+        help="what expertflow plans with (activation/frequency: a peer's predictor; true-routes: the bound)",
     )
     p.add_argument("--max-sequences", type=int, help="replay only the first N sequences of each trace")
     p.add_argument("--empty-per-sequence", action="store_true", help="empty the cache when a sequence starts")
@@ -85,12 +92,17 @@ def _inputs(args: argparse.Namespace, train: Trace | None) -> PolicyInputs:
         learned, why = _learned(args.predictor)
     elif args.expertflow_predictor == "activation":
         learned, why = values.get("activation"), dict(missing).get("activation")
+    elif args.expertflow_predictor == "true-routes":
+        learned, why = TrueRoutes(), None
     else:
         learned = FrequencyPredictor(train) if train is not None else None
         why = "needs --train-traces of this model"
     if learned is None:
         missing.append(("learned", why or "unavailable"))
-    return PolicyInputs(**values, learned=learned, unavailable=tuple(missing))
+    refiner = None
+    if isinstance(learned, LearnedPredictor) and learned.model.layer_head is not None:
+        refiner = LearnedPredictor(learned.model, layer_horizon=True)
+    return PolicyInputs(**values, learned=learned, learned_layer=refiner, unavailable=tuple(missing))
 
 
 def _learned(directory: Path | None):

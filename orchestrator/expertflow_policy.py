@@ -7,7 +7,8 @@ taken as a mix of this token's prediction and the request's own recent routing (
 the routes actually taken), so the link keeps working on the next token's first layers while this
 token's last layers compute. Past the next chance, eviction estimates a key's use from the request's
 own per-token rate of use (decayed counts with a longer half-life). Misses evict the resident key with
-the furthest expected next use.
+the furthest expected next use. With a `refiner` (a layer-horizon predictor: the learned one's layer head),
+the next layer's probabilities are replaced, once a layer has routed, by the refined ones.
 
 Not for: the live engine (live_policy.py) or the plan itself (planner.py).
 """
@@ -43,8 +44,16 @@ class ExpertFlowConfig:
 class ExpertFlow(SimPolicy):
     name = "expertflow"
 
-    def __init__(self, predictor: RoutePredictor, config: ExpertFlowConfig = ExpertFlowConfig()):
+    def __init__(
+        self,
+        predictor: RoutePredictor,
+        config: ExpertFlowConfig = ExpertFlowConfig(),
+        refiner: RoutePredictor | None = None,
+    ):
+        if refiner is not None and refiner.horizon != "layer":
+            raise ValueError(f"{refiner.name} is not a layer-horizon predictor")
         self.predictor = predictor
+        self.refiner = refiner
         self.config = config
         self._decay = 0.5 ** (1.0 / config.recent_half_life)
         self._rate_decay = 0.5 ** (1.0 / config.rate_half_life)
@@ -62,6 +71,8 @@ class ExpertFlow(SimPolicy):
 
     def begin_sequence(self, s: int) -> None:
         self.probs = self.predictor.predict(self.trace, s)  # [T, L, E]
+        refine = self.refiner is not None and self.refiner.supports(self.trace) is None
+        self.layer_probs = self.refiner.predict(self.trace, s) if refine else None  # [T, L, E]
         self.recent[:] = 0.0  # a new request: its own history starts empty
         self.rate[:] = 0.0
 
@@ -74,6 +85,8 @@ class ExpertFlow(SimPolicy):
             row = rows[layer]
             row *= decay
             row[list(experts)] += 1.0 - decay
+        if self.layer_probs is not None and layer + 1 < len(self.current):
+            self.current[layer + 1] = np.clip(self.layer_probs[t, layer + 1], 0.0, 1.0)
         return self._plan(layer + 1, self.view.ready_ms() + self.view.layer_ms[layer])
 
     def _plan(self, layer: int, next_start_ms: float) -> Plan:

@@ -1,13 +1,18 @@
-"""The ExpertFlow cache policy in the live engine: learned route predictions drive prefetch and eviction.
+"""The ExpertFlow cache policy in the live engine: learned route predictions through the deadline planner.
 
-Per request it keeps a predictor session fed with the request's tokens and the routes
-actually taken (online correction lives in the session). When a decode step starts,
-every live request's next-token prediction [L, E] is merged into the probability that
-any request needs each (layer, expert). As each MoE layer starts, the experts predicted
-for it and the next `lookahead` layers are requested earliest deadline first (a layer's
-deadline is the moment it runs), so the copy queue in front of a real miss stays short.
-Victims are the experts whose predicted next use is least likely and furthest away.
-Mispredictions surface as ordinary misses, loaded at once by the cache.
+Per request it keeps a predictor session fed with the request's tokens and the routes actually
+taken. When a decode step starts, every live request's next-token prediction [L, E] is merged into
+the probability that any request needs each (layer, expert). As each MoE layer is about to route,
+the policy refines that layer's row with the predictor's layer head (the request's routes at the
+layers already run), and hands everything to `orchestrator.planner.plan`, the same code the simulator
+runs: deadlines from measured per-layer times, earliest deadline first, transfers that cannot land in
+time or became unlikely dropped. The plan's fetch list becomes the cache's prefetch queue (the cache
+cancels queued keys no longer listed, and loads misses at top priority); victims are the resident
+keys whose expected next use is furthest away (the planner's Belady estimate).
+
+Times are measured, not assumed: per-layer time is the decode step's wall time over the MoE layers,
+the transfer time the copy engine's time per copy, both smoothed over steps; until the first decode
+step has been measured the policy plans with `LivePlanConfig`'s starting values.
 
 Not for: moving bytes (expert_store) or replaying traces (simulator.py).
 """
@@ -15,59 +20,78 @@ Not for: moving bytes (expert_store) or replaying traces (simulator.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from expert_store.layout import ExpertKey
 from expert_store.policies import CachePolicy, LruPolicy
+from expert_store.stats import CacheStats
+from orchestrator.planner import PlanConfig, PlanInput, next_use_ms, plan
 from predictor.base import PredictorSession, RoutePredictor
+
+
+@dataclass(frozen=True)
+class LivePlanConfig:
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    recent_half_life: float = 4.0  # tokens; the requests' own recent routing, for the next token's layers
+    next_token_model_weight: float = 0.5  # next token's p = w * this token's prediction + (1 - w) * recent
+    smoothing: float = 0.3  # weight of the newest step in the measured times
+    layer_ms: float = 1.0  # starting guesses, replaced by measurements
+    transfer_ms: float = 1.0
 
 
 class _RouteCollector:
     """Receives one forward pass's routing from the model (the RouteRecorder protocol)."""
 
-    def __init__(self) -> None:
-        self.ids: dict[int, torch.Tensor] = {}
+    def __init__(self, on_layer) -> None:
+        self.ids: dict[int, np.ndarray] = {}
+        self._on_layer = on_layer
 
     def on_attention_out(self, layer: int, h: torch.Tensor) -> None:
         return None
 
     def on_route(self, layer: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
-        self.ids[layer] = ids
+        # The MoE block reads these ids on the host right after this call anyway.
+        self.ids[layer] = ids.cpu().numpy()
+        self._on_layer(layer, self.ids[layer])
 
     def take(self) -> dict[int, np.ndarray]:
-        out = {layer: ids.cpu().numpy() for layer, ids in self.ids.items()}
-        self.ids.clear()
+        out, self.ids = self.ids, {}
         return out
 
 
 class ExpertFlowPolicy(CachePolicy):
     name = "expertflow"
 
-    def __init__(
-        self,
-        predictor: RoutePredictor,
-        moe_layers: Sequence[int],
-        lookahead: int = 2,
-        threshold: float = 0.15,
-    ):
+    def __init__(self, predictor: RoutePredictor, moe_layers: Sequence[int], config: LivePlanConfig = LivePlanConfig()):
         self.predictor = predictor
+        self.config = config
         self.moe_layers = list(moe_layers)
         self._index = {layer: j for j, layer in enumerate(self.moe_layers)}
-        self.lookahead = lookahead
-        self.threshold = threshold
-        self._collector = _RouteCollector()
+        self._collector = _RouteCollector(self._routed)
         self._sessions: list[PredictorSession] = []
         self._step_tokens: list[list[int]] = []
-        self._step_observed = False  # were this step's tokens already given to the sessions?
-        self._probs: np.ndarray | None = None  # [L, E]: P(some live request uses (layer, expert))
-        self._issued: set[ExpertKey] = set()
-        self._window: frozenset[ExpertKey] = frozenset()  # predicted keys of the layers about to run
-        self._current = 0  # MoE layer index (0-based) now running
-        self._lru = LruPolicy()  # recency: the tie-break, and the whole rule before any prediction
+        self._decoding = False
+        self._probs: np.ndarray | None = None  # [L, E]: P(some live request uses (layer, expert)) this token
+        self._request_probs: list[np.ndarray | None] = []
+        self._recent: np.ndarray | None = None  # [L, E] decayed routing of the live requests
+        self._use: np.ndarray | None = None  # [L, E] expected next use (ms) from the last plan
+        self._window: frozenset[ExpertKey] = frozenset()
+        self._resident: set[ExpertKey] = set()
+        self._n_slots = 0
+        self._layer_ms = config.layer_ms
+        self._transfer_ms = config.transfer_ms
+        self._link_busy = 0.0
+        self._decay = 0.5 ** (1.0 / config.recent_half_life)
+        self._lru = LruPolicy()  # the whole rule before any prediction (prefill)
+        self.plans = 0  # how many times the planner ran (for tests and reports)
 
     # -- engine hooks -------------------------------------------------------------------
+    def attach(self, n_slots: int) -> None:
+        self._n_slots = n_slots
+
     def route_observer(self) -> _RouteCollector:
         return self._collector
 
@@ -75,59 +99,102 @@ class ExpertFlowPolicy(CachePolicy):
         routes = self._collector.take()
         if prefill or len(new_tokens) != len(self._sessions):
             self._sessions = [self.predictor.session() for _ in new_tokens]
-        else:
-            self._feed_routes(routes)
+            self._recent = None
+        elif not self._decoding:
+            self._feed_prefill(routes)  # the prompts' routes reach the sessions now
         self._step_tokens = [list(t) for t in new_tokens]
-        self._issued.clear()
+        self._decoding = not prefill
         self._window = frozenset()
-        self._current = 0
-        self._probs = None
+        self._probs = self._use = None
         if prefill:
-            # Prefill touches most experts anyway; its tokens reach the sessions with their
-            # routes at the next step.
-            self._step_observed = False
-            return
-        merged = None
+            return  # prefill touches most experts anyway: LRU until the first prediction
+        self._request_probs = []
         for session, tokens in zip(self._sessions, self._step_tokens):
-            if not tokens:
-                continue
-            session.observe_token(tokens[-1])
-            p = np.clip(session.predict(), 0.0, 1.0)
-            merged = p if merged is None else 1.0 - (1.0 - merged) * (1.0 - p)
-        self._step_observed = True
-        self._probs = merged
+            if tokens:
+                session.observe_token(tokens[-1])
+                self._request_probs.append(np.clip(session.predict(), 0.0, 1.0))
+            else:
+                self._request_probs.append(None)
+        self._probs = self._merge(self._request_probs)
 
-    def _feed_routes(self, routes: dict[int, np.ndarray]) -> None:
+    def end_step(self, seconds: float, stats: CacheStats) -> None:
+        if not self._decoding or seconds <= 0:
+            return
+        a = self.config.smoothing
+        self._layer_ms = (1 - a) * self._layer_ms + a * seconds * 1e3 / len(self.moe_layers)
+        copies = stats.prefetches + stats.misses
+        if copies and stats.copy_s > 0:
+            self._transfer_ms = (1 - a) * self._transfer_ms + a * stats.copy_s * 1e3 / copies
+        self._link_busy = (1 - a) * self._link_busy + a * min(1.0, stats.copy_s / seconds)
+
+    def _feed_prefill(self, routes: dict[int, np.ndarray]) -> None:
         row = 0
         for session, tokens in zip(self._sessions, self._step_tokens):
             for i, token in enumerate(tokens):
-                if not self._step_observed:
-                    session.observe_token(token)
+                session.observe_token(token)
                 for j, layer in enumerate(self.moe_layers):
                     if layer in routes:
                         session.observe_route(j, routes[layer][row + i].tolist())
             row += len(tokens)
 
-    # -- cache hooks --------------------------------------------------------------------
-    def _wanted(self, first: int, last: int) -> list[ExpertKey]:
-        """Predicted keys of MoE layers first..last (indices), deadline order, likeliest first within a layer."""
-        if self._probs is None:
-            return []
-        keys = []
-        for j in range(first, min(last, len(self.moe_layers) - 1) + 1):
-            p = self._probs[j]
-            for e in np.argsort(-p, kind="stable"):
-                if p[e] < self.threshold:
-                    break
-                keys.append((self.moe_layers[j], int(e)))
-        return keys
+    def _routed(self, layer: int, ids: np.ndarray) -> None:
+        """A decode step's layer just routed (row r = request r's token): tell the sessions at once,
+        so the next layer's refinement sees it."""
+        if not self._decoding or layer not in self._index:
+            return
+        j = self._index[layer]
+        n_experts = self._probs.shape[1] if self._probs is not None else int(ids.max()) + 1
+        if self._recent is None:
+            self._recent = np.zeros((len(self.moe_layers), n_experts), np.float32)
+        self._recent[j] *= self._decay
+        row = 0
+        for session, tokens in zip(self._sessions, self._step_tokens):
+            if tokens:
+                session.observe_route(j, ids[row].tolist())
+                self._recent[j, ids[row]] += 1.0 - self._decay
+                row += 1
 
+    @staticmethod
+    def _merge(rows: list[np.ndarray | None]) -> np.ndarray | None:
+        merged = None
+        for p in rows:
+            if p is not None:
+                merged = p if merged is None else 1.0 - (1.0 - merged) * (1.0 - p)
+        return merged
+
+    # -- cache hooks --------------------------------------------------------------------
     def prefetch(self, next_layer: int) -> list[ExpertKey]:
-        self._current = self._index.get(next_layer, 0)
-        wanted = self._wanted(self._current, self._current + self.lookahead)
-        self._window = frozenset(wanted)
-        keys = [k for k in wanted if k not in self._issued]
-        self._issued.update(keys)
+        if self._probs is None or next_layer not in self._index:
+            return []
+        j = self._index[next_layer]
+        refined = [s.refine(j) if p is not None else None for s, p in zip(self._sessions, self._request_probs)]
+        if any(r is not None for r in refined):
+            self._probs[j] = self._merge(refined)
+        probs = self._probs.copy()
+        if self._recent is not None:
+            w = self.config.next_token_model_weight
+            probs[:j] = w * probs[:j] + (1.0 - w) * self._recent[:j]  # due with the next token
+        resident = np.zeros(probs.shape, bool)
+        for layer, e in self._resident:
+            resident[self._index[layer], e] = True
+        inp = PlanInput(
+            probs=probs,
+            layer=j,
+            next_start_ms=0.0,
+            now_ms=0.0,
+            layer_ms=(self._layer_ms,) * len(self.moe_layers),
+            transfer_ms=self._transfer_ms,
+            n_slots=self._n_slots,
+            resident=resident,
+            rate=None if self._recent is None else np.maximum(self._recent, probs),
+            link_busy=self._link_busy,
+        )
+        self._use = next_use_ms(inp)
+        planned = plan(inp, self.config.plan)
+        self.plans += 1
+        keys = [(self.moe_layers[t.key[0]], t.key[1]) for t in planned.fetch]
+        soon = [(next_layer, int(e)) for e in np.flatnonzero(probs[j] > self.config.plan.threshold)]
+        self._window = frozenset(keys) | frozenset(soon)
         return keys
 
     def protected(self) -> frozenset[ExpertKey]:
@@ -136,19 +203,15 @@ class ExpertFlowPolicy(CachePolicy):
     def on_use(self, key: ExpertKey) -> None:
         self._lru.on_use(key)
 
+    def on_load(self, key: ExpertKey) -> None:
+        self._resident.add(key)
+
     def on_evict(self, key: ExpertKey) -> None:
+        self._resident.discard(key)
         self._lru.on_evict(key)
 
     def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
-        if self._probs is None:  # no prediction yet (prefill)
+        if self._use is None:  # no prediction yet (prefill)
             return self._lru.victim(candidates)
-        n = len(self.moe_layers)
         recency = self._lru.recency()
-
-        def keep_score(key: ExpertKey) -> tuple[float, int]:
-            j = self._index[key[0]]
-            steps = (j - self._current) % n  # layers until this expert's layer runs again
-            p = float(self._probs[j, key[1]])
-            return p / (1.0 + steps), recency.get(key, -1)
-
-        return min(candidates, key=keep_score)
+        return max(candidates, key=lambda k: (self._use[self._index[k[0]], k[1]], -recency.get(k, -1)))

@@ -52,6 +52,7 @@ class PolicyInputs:
     speculation: RoutePredictor | None = None  # horizon "layer" (GateSpeculationPredictor)
     activation: RoutePredictor | None = None  # horizon "token" (ActivationMatrixPredictor)
     learned: RoutePredictor | None = None  # horizon "token": what expertflow plans with
+    learned_layer: RoutePredictor | None = None  # horizon "layer": expertflow's refinement of the next layer
     unavailable: tuple[tuple[str, str], ...] = ()  # (input name, why it could not be built)
 
     def why_missing(self, name: str) -> str:
@@ -284,7 +285,7 @@ def make_policy(name: str, inputs: PolicyInputs = PolicyInputs()) -> SimPolicy:
         "static": lambda: Static(need(inputs.frequency, "frequency")),
         "speculate": lambda: Speculate(need(inputs.speculation, "speculation")),
         "activation": lambda: Activation(need(inputs.activation, "activation")),
-        "expertflow": lambda: ExpertFlow(need(inputs.learned, "learned")),
+        "expertflow": lambda: ExpertFlow(need(inputs.learned, "learned"), refiner=inputs.learned_layer),
         "belady": Belady,
     }
     if name not in factories:

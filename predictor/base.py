@@ -40,6 +40,12 @@ class PredictorSession(ABC):
     def predict(self) -> np.ndarray:
         """[L, E] probabilities for the token observed last (call after observe_token)."""
 
+    def refine(self, layer_index: int, spec: list[int] | None = None) -> np.ndarray | None:
+        """[E] probabilities for MoE layer `layer_index` of the last token, given its routes observed so far
+        (layers < layer_index) and, if the server computed it, gate speculation's experts for that layer;
+        None where the predictor has no layer horizon. Call after predict() for the same token."""
+        return None
+
 
 class RoutePredictor(ABC):
     name: ClassVar[str]

@@ -32,6 +32,17 @@ def multi_hot(experts: np.ndarray, n_experts: int) -> np.ndarray:
     return out[..., :n_experts]
 
 
+def ranked_hot(experts: np.ndarray, n_experts: int) -> np.ndarray:
+    """[..., K] expert ids, best first -> [..., E] float32: (K - rank) / K for each listed expert, 0 elsewhere
+    (sentinel ids >= E dropped). Keeps a top-k's order, which a multi-hot loses."""
+    k = experts.shape[-1]
+    out = np.zeros(experts.shape[:-1] + (n_experts + 1,), np.float32)
+    ids = np.minimum(experts.astype(np.int64), n_experts)
+    rank_value = np.broadcast_to(((k - np.arange(k)) / k).astype(np.float32), experts.shape)
+    np.put_along_axis(out, ids, rank_value, axis=-1)
+    return out[..., :n_experts]
+
+
 def layer_frequency(trace: Trace) -> np.ndarray:
     """[L, E] share of tokens routed to each expert in each layer (rows sum to top_k)."""
     n_exp = trace.info.n_experts
@@ -52,6 +63,17 @@ class FrequencyPredictor(RoutePredictor):
     def predict(self, trace: Trace, s: int) -> np.ndarray:
         n = trace.seq_offsets[s + 1] - trace.seq_offsets[s]
         return np.broadcast_to(self.freq, (n,) + self.freq.shape).copy()
+
+
+class TrueRoutes(RoutePredictor):
+    """Not a predictor: each token's actual routes, read from the trace being replayed. For bounds only
+    (what the planner would reach if the token-horizon prediction were perfect); never for evaluation."""
+
+    name: ClassVar[str] = "true-routes"
+    horizon = "token"
+
+    def predict(self, trace: Trace, s: int) -> np.ndarray:
+        return multi_hot(trace.experts[trace.sequence(s)], trace.info.n_experts)
 
 
 class GateSpeculationPredictor(RoutePredictor):

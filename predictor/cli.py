@@ -39,9 +39,13 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--dropout", type=float, default=0.1)
     tr.add_argument("--loss", choices=("bce", "softmax"), default="bce")
     tr.add_argument("--no-token-table", action="store_true", help="no per-token logit table (see model.py)")
+    tr.add_argument("--layer-dim", type=int, default=128, help="width of the layer-horizon head (0: none)")
     tr.add_argument("--lr", type=float, default=2e-3)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    tr.add_argument("--device", default="cpu", help="train on this torch device (cpu, cuda)")
+    tr.add_argument("--rows", type=int, default=16, help="packed rows of one context per step")
+    tr.add_argument("--holdout", type=float, default=0.05, help="share of sequences kept for checkpoint choice")
     tr.add_argument("--quiet", action="store_true")
 
     ev = subparsers.add_parser("eval-predictor", help="recall@k and calibration of the learned predictor vs peers")
@@ -85,9 +89,14 @@ def _train(args: argparse.Namespace) -> dict:
         dropout=args.dropout,
         loss=args.loss,
         token_table=not args.no_token_table,
+        layer_dim=args.layer_dim,
     )
-    train_cfg = TrainConfig(seconds=args.seconds, max_steps=args.max_steps, lr=args.lr, seed=args.seed)
-    model, summary = train(trace, model_cfg, train_cfg, log=(lambda _: None) if args.quiet else print)
+    train_cfg = TrainConfig(
+        seconds=args.seconds, max_steps=args.max_steps, rows=args.rows, lr=args.lr, seed=args.seed, holdout=args.holdout
+    )
+    model, summary = train(
+        trace, model_cfg, train_cfg, log=(lambda _: None) if args.quiet else print, device=args.device
+    )
     meta = {
         **summary,
         "traces": [str(p) for p in args.traces],
@@ -114,9 +123,11 @@ def _evaluate(args: argparse.Namespace) -> dict:
     train_domains = args.train_domains or (meta.get("domains") if not args.train_traces else None)
     train = load_traces(train_paths, train_domains)
     test = load_traces(args.traces, args.domains)
+    learned = LearnedPredictor.load(args.predictor)
     predictors = [
-        (LearnedPredictor.load(args.predictor), "learned"),
-        (LearnedPredictor.load(args.predictor, OnlineConfig()), "learned+online"),
+        (learned, "learned"),
+        (LearnedPredictor(learned.model, OnlineConfig()), "learned+online"),
+        *([(LearnedPredictor(learned.model, layer_horizon=True), "learned@layer")] if learned.model.layer_head else []),
         (FrequencyPredictor(train), None),
         (GateSpeculationPredictor(train), None),
         (ActivationMatrixPredictor(train), None),

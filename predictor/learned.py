@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from predictor.base import PredictorSession, RoutePredictor
-from predictor.baselines import multi_hot
+from predictor.baselines import multi_hot, ranked_hot
 from predictor.model import RouteTransformer, load_model
 from predictor.online import OnlineConfig, OnlineCorrector, correct_sequence
 from traces.format import Trace
@@ -31,26 +31,41 @@ def window_start(t: int, context: int) -> int:
 
 
 @torch.no_grad()
-def sequence_probs(model: RouteTransformer, tokens: np.ndarray, routes: np.ndarray, batch: int = 32) -> np.ndarray:
-    """[T, L, E] probabilities for one sequence: tokens [T], observed routes [T, L*E] (row t = token t's)."""
+def sequence_probs(
+    model: RouteTransformer,
+    tokens: np.ndarray,  # [T]
+    experts: np.ndarray,  # [T, L, K] observed routes (row t = token t's)
+    spec: np.ndarray | None = None,  # [T, L, K] gate speculation (sentinel ids where absent), layer horizon only
+    layer_horizon: bool = False,
+    batch: int = 32,
+) -> np.ndarray:
+    """[T, L, E] probabilities for one sequence, at the token horizon or (with the layer head) the layer horizon."""
     ctx, half = model.cfg.context, model.cfg.context // 2
-    n = len(tokens)
-    prev = np.concatenate([np.zeros((1, routes.shape[1]), np.float32), routes[:-1]])  # routes of token t-1
+    n, n_exp = len(tokens), model.cfg.n_experts
+    device = model.token_map.device
+    own = multi_hot(experts, n_exp)  # [T, L, E]
+    prev = np.concatenate([np.zeros((1, own[0].size), np.float32), own[:-1].reshape(n - 1, -1)])  # token t-1's
+    hot_spec = None if spec is None or not layer_horizon else ranked_hot(spec, n_exp)
     starts = [0] + [i * half for i in range(1, max(1, -(-n // half) - 1))]
-    out = np.empty((n, model.cfg.moe_layers, model.cfg.n_experts), np.float32)
+    out = np.empty((n, model.cfg.moe_layers, n_exp), np.float32)
     for b in range(0, len(starts), batch):
         group = starts[b : b + batch]
         width = min(ctx, n - group[0])
         tok = np.zeros((len(group), width), np.int64)
-        rte = np.zeros((len(group), width, routes.shape[1]), np.float32)
+        rte = np.zeros((len(group), width, prev.shape[1]), np.float32)
         for i, w in enumerate(group):  # windows shorter than `width` are padded at the end: causal, so harmless
             m = min(width, n - w)
             tok[i, :m], rte[i, :m] = tokens[w : w + m], prev[w : w + m]
-        probs = model.probabilities(model(torch.from_numpy(tok), torch.from_numpy(rte))).numpy()
+        state, logits = model.encode(torch.from_numpy(tok).to(device), torch.from_numpy(rte).to(device))
         for i, w in enumerate(group):
             lo = 0 if w == 0 else half  # the window's own positions: after its first half
             hi = min(ctx, n - w)
-            out[w + lo : w + hi] = probs[i, lo:hi]
+            x, lg = state[i, lo:hi], logits[i, lo:hi]
+            if layer_horizon:
+                routes = torch.from_numpy(own[w + lo : w + hi]).to(device)
+                sp = None if hot_spec is None else torch.from_numpy(hot_spec[w + lo : w + hi]).to(device)
+                lg = model.refine(x, lg, routes, sp)
+            out[w + lo : w + hi] = model.probabilities(lg).float().cpu().numpy()
     return out
 
 
@@ -58,14 +73,22 @@ class LearnedPredictor(RoutePredictor):
     name: ClassVar[str] = "learned"
     horizon = "token"
 
-    def __init__(self, model: RouteTransformer, online: OnlineConfig | None = None) -> None:
+    def __init__(
+        self, model: RouteTransformer, online: OnlineConfig | None = None, layer_horizon: bool = False
+    ) -> None:
+        if layer_horizon and model.layer_head is None:
+            raise ValueError("this route predictor has no layer head (trained with layer_dim 0)")
         self.model = model.eval()
-        self.online = online
-        self.label = "learned+online" if online is not None else "learned"
+        self.online = None if layer_horizon else online  # the layer head already reads the request's routes
+        self.layer_horizon = layer_horizon
+        self.horizon = "layer" if layer_horizon else "token"
+        self.label = "learned@layer" if layer_horizon else "learned+online" if online is not None else "learned"
 
     @classmethod
-    def load(cls, directory: str | Path, online: OnlineConfig | None = None) -> LearnedPredictor:
-        return cls(load_model(directory), online)
+    def load(
+        cls, directory: str | Path, online: OnlineConfig | None = None, layer_horizon: bool = False
+    ) -> LearnedPredictor:
+        return cls(load_model(directory), online, layer_horizon)
 
     def supports(self, trace: Trace) -> str | None:
         cfg = self.model.cfg
@@ -76,8 +99,8 @@ class LearnedPredictor(RoutePredictor):
     def predict(self, trace: Trace, s: int) -> np.ndarray:
         sl = trace.sequence(s)
         experts = trace.experts[sl]
-        routes = multi_hot(experts, trace.info.n_experts).reshape(len(experts), -1)
-        probs = sequence_probs(self.model, trace.tokens[sl].astype(np.int64), routes)
+        spec = None if trace.spec_experts is None else trace.spec_experts[sl]
+        probs = sequence_probs(self.model, trace.tokens[sl].astype(np.int64), experts, spec, self.layer_horizon)
         return probs if self.online is None else correct_sequence(probs, experts, self.online)
 
     def session(self) -> PredictorSession:
@@ -85,7 +108,8 @@ class LearnedPredictor(RoutePredictor):
 
 
 class LearnedSession(PredictorSession):
-    """One request's token and route history; each predict() reruns the model over the current window."""
+    """One request's token and route history; each predict() reruns the model over the current window,
+    and refine(j) reuses that pass's state for the layer head."""
 
     def __init__(self, model: RouteTransformer, online: OnlineConfig | None = None) -> None:
         cfg = model.cfg
@@ -93,6 +117,7 @@ class LearnedSession(PredictorSession):
         self.tokens: list[int] = []
         self.routes: list[np.ndarray] = []  # [L*E] per token, filled as observe_route reports layers
         self.corrector = None if online is None else OnlineCorrector(online, cfg.moe_layers, cfg.n_experts, cfg.top_k)
+        self._encoded: tuple[torch.Tensor, torch.Tensor] | None = None  # last token's (state, logits)
 
     def observe_token(self, token_id: int) -> None:
         self.tokens.append(int(token_id))
@@ -115,5 +140,22 @@ class LearnedSession(PredictorSession):
         prev = np.stack([self.routes[i - 1] if i > 0 else zero for i in range(w, t + 1)])
         tok = torch.tensor([self.tokens[w : t + 1]], dtype=torch.long)
         with torch.no_grad():
-            probs = self.model.probabilities(self.model(tok, torch.from_numpy(prev)[None]))[0, -1].numpy()
+            state, logits = self.model.encode(tok, torch.from_numpy(prev)[None])
+        self._encoded = state[0, -1], logits[0, -1]
+        probs = self.model.probabilities(logits[0, -1]).numpy()
         return probs if self.corrector is None else self.corrector.blend(probs)
+
+    def refine(self, layer_index: int, spec: list[int] | None = None) -> np.ndarray | None:
+        """`spec`: gate speculation's experts for the layer, best first."""
+        if self.model.layer_head is None or self._encoded is None:
+            return None
+        cfg = self.model.cfg
+        routes = torch.from_numpy(self.routes[-1]).view(cfg.moe_layers, cfg.n_experts)
+        hot = None
+        if spec is not None:
+            hot = torch.zeros(cfg.moe_layers, cfg.n_experts)
+            hot[layer_index] = torch.from_numpy(ranked_hot(np.asarray(spec, np.int64)[None], cfg.n_experts)[0])
+        state, logits = self._encoded
+        with torch.no_grad():
+            refined = self.model.refine(state, logits, routes, hot)[layer_index]
+        return self.model.probabilities(refined).numpy()

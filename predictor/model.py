@@ -5,9 +5,18 @@
     output at position t  logits [L, E] for token t's experts at every MoE layer, in one forward pass
 
 Attention is causal, so position t sees tokens <= t and routes of tokens < t: exactly what a server knows
-when token t enters the model. Checkpoints are safetensors + config.json, loaded without pickle.
+when token t enters the model (the "token horizon").
 
-Shapes: B = windows, T = positions, L = MoE layers, E = experts, D = d_model.
+The layer head refines layer j's logits once token t has run MoE layers < j (the "layer horizon", what
+next-layer gate speculation sees): it adds, per layer, a small MLP over the transformer's state, the
+token's own routes at layers < j (the last one also on its own), and, where the server computes it,
+gate speculation's top-k for layer j, best first (layer j's router on layer j-1's hidden state; given as
+(K - rank) / K per listed expert, zeros when absent).
+All L refinements come out of the same pass as the token-horizon logits.
+
+Checkpoints are safetensors + config.json, loaded without pickle.
+
+Shapes: B = windows, T = positions, L = MoE layers, E = experts, D = d_model, H = layer_dim.
 
 Not for: training (train.py), turning logits into per-request predictions (learned.py).
 """
@@ -15,6 +24,7 @@ Not for: training (train.py), turning logits into per-request predictions (learn
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +51,7 @@ class RouteModelConfig:
     dropout: float = 0.1
     loss: str = "bce"  # "bce": independent sigmoid per expert; "softmax": per-layer softmax scaled to top_k
     token_table: bool = True  # a per-token [L, E] logit table added to the output (see RouteTransformer)
+    layer_dim: int = 128  # H: width of the layer-horizon head; 0 = no layer head
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -92,6 +103,7 @@ class RouteTransformer(nn.Module):
         self.head = nn.Linear(cfg.d_model, routes)
         self.table = nn.Embedding(cfg.vocab_size + 1, routes) if cfg.token_table else None
         self.drop = nn.Dropout(cfg.dropout)
+        self.layer_head = LayerHead(cfg) if cfg.layer_dim else None
         # raw id -> embedding row; ids never seen in training point at the unknown row (set by train.py)
         self.register_buffer("token_map", torch.arange(cfg.vocab_size + 1))
         with torch.no_grad():  # start from the uniform marginal k/E instead of 1/2
@@ -110,6 +122,16 @@ class RouteTransformer(nn.Module):
         positions: torch.Tensor | None = None,  # [B, T], default 0..T-1
         mask: torch.Tensor | None = None,  # [B, 1, T, T] bool, True = may attend; default causal
     ) -> torch.Tensor:  # [B, T, L, E] logits
+        return self.encode(tokens, prev_routes, positions, mask)[1]
+
+    def encode(
+        self,
+        tokens: torch.Tensor,
+        prev_routes: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        table_logits: torch.Tensor | None = None,  # [B, T, L, E] in place of the table's rows (training)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # state [B, T, D], token-horizon logits [B, T, L, E]
         b, t = tokens.shape
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
@@ -117,16 +139,67 @@ class RouteTransformer(nn.Module):
         x = self.drop(self.tok(rows) + self.pos(positions) + self.route_in(prev_routes))
         for block in self.blocks:
             x = block(x, mask)
-        logits = self.head(self.norm(x))
-        if self.table is not None:
-            logits = logits + self.table(rows)
-        return logits.view(b, t, self.cfg.moe_layers, self.cfg.n_experts)
+        x = self.norm(x)
+        logits = self.head(x).view(b, t, self.cfg.moe_layers, self.cfg.n_experts)
+        if table_logits is not None:
+            logits = logits + table_logits
+        elif self.table is not None:
+            logits = logits + self.table(rows).view_as(logits)
+        return x, logits
+
+    def refine(
+        self,
+        state: torch.Tensor,  # [..., D] from encode
+        logits: torch.Tensor,  # [..., L, E] token-horizon logits from encode
+        routes: torch.Tensor,  # [..., L, E] multi-hot of the token's own routes (only layers < j are read for j)
+        spec: torch.Tensor | None = None,  # [..., L, E] gate speculation per layer (ranked_hot), zeros = absent
+    ) -> torch.Tensor:  # [..., L, E] layer-horizon logits
+        if self.layer_head is None:
+            raise ValueError("this route predictor was trained without a layer head")
+        return self.layer_head(state, logits, routes, spec)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """P(expert picked) from logits: sigmoid for BCE, k x softmax (capped at 1) for the softmax loss."""
         if self.cfg.loss == "bce":
             return torch.sigmoid(logits)
         return (self.cfg.top_k * torch.softmax(logits, -1)).clamp(max=1.0)
+
+
+class LayerHead(nn.Module):
+    """Layer j's logits given the token's routes at layers < j: logits_j + MLP(state, layer j, those
+    routes, speculation for j). Inputs for layer j never read routes of layers >= j (exclusive sums)."""
+
+    def __init__(self, cfg: RouteModelConfig) -> None:
+        super().__init__()
+        h, n_layers, e = cfg.layer_dim, cfg.moe_layers, cfg.n_experts
+        self.down = nn.Linear(cfg.d_model, h)
+        self.layer = nn.Parameter(torch.zeros(n_layers, h))
+        self.earlier = nn.Parameter(torch.randn(n_layers, e, h) / math.sqrt(e))  # route of layer i, for every later j
+        self.last = nn.Linear(e, h, bias=False)  # route of layer j-1, on its own
+        self.spec = nn.Linear(e, h, bias=False)
+        self.base = nn.Linear(e, h, bias=False)  # the token-horizon probabilities of layer j
+        # Speculation also goes straight to the logits with a per-layer gain: through the MLP alone the head
+        # learned to trust it less than speculation deserves (below speculation's own recall in deep layers).
+        # The boost is spec_gain for any listed expert plus rank_gain x (K - rank) / K.
+        self.spec_gain = nn.Parameter(torch.full((n_layers,), 1.0))  # log-odds; learned from there
+        self.rank_gain = nn.Parameter(torch.full((n_layers,), 1.0))
+        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(h, 2 * h), nn.GELU(), nn.Linear(2 * h, e))
+        nn.init.zeros_(self.mlp[-1].weight)  # start as the token-horizon prediction
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(
+        self, state: torch.Tensor, logits: torch.Tensor, routes: torch.Tensor, spec: torch.Tensor | None
+    ) -> torch.Tensor:
+        per_layer = torch.einsum("...le,leh->...lh", routes, self.earlier)
+        shifted = torch.cat([torch.zeros_like(per_layer[..., :1, :]), per_layer[..., :-1, :]], -2)
+        before = torch.cumsum(shifted, -2)  # [..., L, H]: sum over layers < j
+        last = torch.cat([torch.zeros_like(routes[..., :1, :]), routes[..., :-1, :]], -2)
+        u = self.down(state).unsqueeze(-2) + self.layer + before + self.last(last)
+        u = u + self.base(torch.sigmoid(logits.detach()))
+        if spec is None:
+            return logits + self.mlp(u)
+        boost = self.spec_gain[:, None] * (spec > 0) + self.rank_gain[:, None] * spec
+        return logits + self.mlp(u + self.spec(spec)) + boost
 
 
 def save_model(model: RouteTransformer, directory: str | Path, meta: dict | None = None) -> None:
@@ -145,6 +218,8 @@ def load_model(directory: str | Path) -> RouteTransformer:
     config_path = directory / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{directory}: no config.json (not a saved route predictor)")
-    model = RouteTransformer(RouteModelConfig(**json.loads(config_path.read_text())))
+    fields = json.loads(config_path.read_text())
+    fields.setdefault("layer_dim", 0)  # saved before the layer head existed
+    model = RouteTransformer(RouteModelConfig(**fields))
     model.load_state_dict(load_file(str(directory / "model.safetensors")))
     return model.eval()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from predictor.baselines import multi_hot
+from predictor.baselines import multi_hot, ranked_hot
 from predictor.learned import sequence_probs
 from predictor.model import RouteModelConfig, RouteTransformer
 from traces.format import Trace
@@ -42,6 +42,9 @@ class TrainConfig:
     eval_every: int = 40  # steps
     seed: int = 0
     train_table: bool = False  # frozen, the table keeps the smoothed counts; fine-tuning it overfitted sooner
+    # Share of positions whose gate speculation is hidden from the layer head in training, so that it also
+    # predicts well where the server computes no speculation.
+    spec_dropout: float = 0.25
 
 
 def model_config_for(trace: Trace, max_vocab: int = 65536, **overrides) -> RouteModelConfig:
@@ -52,7 +55,23 @@ def model_config_for(trace: Trace, max_vocab: int = 65536, **overrides) -> Route
     return RouteModelConfig(**shape, vocab_size=min(vocab, max_vocab), hash_tokens=vocab > max_vocab, **overrides)
 
 
-def init_token_table(model: RouteTransformer, trace: Trace, seqs: np.ndarray, prior: float = 2.0) -> None:
+@dataclass
+class TableCounts:
+    """The routing counts behind the token table: per table row, how often each (layer, expert) was picked."""
+
+    counts: np.ndarray  # [rows, L*E] float32
+    n: np.ndarray  # [rows] float32, occurrences
+    glob: np.ndarray  # [L*E] global pick rate
+    prior: float
+    bce: bool
+
+    def logits(self, counts: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """`prior` pseudo-tokens of the global rate, as log-odds (BCE) or log-probabilities (softmax)."""
+        p = np.clip((counts + self.prior * self.glob) / (n[..., None] + self.prior), 1e-4, 1 - 1e-4)
+        return (np.log(p / (1 - p)) if self.bce else np.log(p)).astype(np.float32)
+
+
+def init_token_table(model: RouteTransformer, trace: Trace, seqs: np.ndarray, prior: float = 2.0) -> TableCounts:
     """Start the token table at each token's smoothed routing frequency (`prior` pseudo-tokens of the
     global frequency), as logits: log-odds for BCE, log-probabilities for the softmax loss."""
     cfg = model.cfg
@@ -63,14 +82,13 @@ def init_token_table(model: RouteTransformer, trace: Trace, seqs: np.ndarray, pr
     e = trace.experts[rows_idx].astype(np.int64)  # [N, L, K]
     cell = rows[:, None, None] * le + np.arange(cfg.moe_layers)[None, :, None] * cfg.n_experts + e
     n_rows = cfg.vocab_size + 1
-    counts = np.bincount(cell.ravel(), minlength=n_rows * le).reshape(n_rows, le).astype(np.float64)
-    n = np.bincount(rows, minlength=n_rows).astype(np.float64)[:, None]
-    glob = counts.sum(0) / max(n.sum(), 1.0)
-    p = np.clip((counts + prior * glob) / (n + prior), 1e-4, 1 - 1e-4)
-    logits = np.log(p / (1 - p)) if cfg.loss == "bce" else np.log(p)
+    counts = np.bincount(cell.ravel(), minlength=n_rows * le).reshape(n_rows, le).astype(np.float32)
+    n = np.bincount(rows, minlength=n_rows).astype(np.float32)
+    table = TableCounts(counts, n, counts.sum(0) / max(float(n.sum()), 1.0), prior, cfg.loss == "bce")
     with torch.no_grad():
-        model.table.weight.copy_(torch.from_numpy(logits.astype(np.float32)))
+        model.table.weight.copy_(torch.from_numpy(table.logits(counts, n)))
         model.head.bias.zero_()
+    return table
 
 
 def _param_groups(model: RouteTransformer, weight_decay: float) -> list[dict]:
@@ -112,10 +130,23 @@ def _pack(chunks: list[tuple[int, int]], ctx: int) -> list[list[tuple[int, int]]
 
 
 class _Batches:
-    """Tensors of packed rows; N = trace rows, LE = L*E."""
+    """Tensors of packed rows; N = trace rows, LE = L*E.
 
-    def __init__(self, trace: Trace, cfg: RouteModelConfig) -> None:
+    With `table` (the counts behind the token table, fitted on `fitted` trace rows), each fitted position
+    reads its table row leave-one-out: the counts without its own routing. Read in full, the table knows
+    every training token's answer, and the layer head learned to trust it over gate speculation, which
+    then beat it on test tokens in deep layers."""
+
+    def __init__(
+        self,
+        trace: Trace,
+        cfg: RouteModelConfig,
+        table: TableCounts | None = None,
+        table_rows: np.ndarray | None = None,  # [N] table row of each trace token
+        fitted: np.ndarray | None = None,  # [N] bool, token counted in `table`
+    ) -> None:
         self.trace, self.cfg = trace, cfg
+        self.table, self.table_rows, self.fitted = table, table_rows, fitted
         starts = np.zeros(len(trace.tokens), bool)
         starts[trace.seq_offsets[:-1]] = True
         self.starts = starts  # a sequence's first token has no previous route
@@ -138,6 +169,9 @@ class _Batches:
         experts = self.trace.experts[rows_].astype(np.int64)  # [B, T, L, K]
         target = multi_hot(experts, n_exp) * valid[..., None, None]
         prev = multi_hot(self.trace.experts[np.maximum(prev_rows, 0)], n_exp) * (prev_rows >= 0)[..., None, None]
+        spec = None
+        if self.trace.spec_experts is not None:
+            spec = torch.from_numpy(ranked_hot(self.trace.spec_experts[rows_], n_exp) * valid[..., None, None])
         same = seg[:, :, None] == seg[:, None, :]
         causal = np.tril(np.ones((ctx, ctx), bool))
         mask = (same & causal[None]) | np.eye(ctx, dtype=bool)[None]  # padding attends to itself: no NaN rows
@@ -148,7 +182,18 @@ class _Batches:
             "mask": torch.from_numpy(mask[:, None]),
             "target": torch.from_numpy(target),
             "valid": torch.from_numpy(valid),
+            "spec": spec,
+            "table": None if self.table is None else torch.from_numpy(self._table_logits(rows_, valid, target)),
         }
+
+    def _table_logits(self, rows_: np.ndarray, valid: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """[B, T, L, E] table logits, leave-one-out for fitted positions."""
+        t = self.table
+        r = self.table_rows[rows_]
+        own = (self.fitted[rows_] & valid).astype(np.float32)  # [B, T]
+        counts = t.counts[r] - own[..., None] * target.reshape(*r.shape, -1)
+        logits = t.logits(counts, t.n[r] - own)
+        return logits.reshape(target.shape)
 
 
 def loss_fn(model: RouteTransformer, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -165,24 +210,72 @@ def loss_fn(model: RouteTransformer, logits: torch.Tensor, target: torch.Tensor,
 
 
 def holdout_recall(model: RouteTransformer, trace: Trace, seqs: np.ndarray) -> float:
-    """Mean recall@k over layers on held-out training sequences (checkpoint selection only)."""
+    """Mean recall@k over layers on held-out training sequences (checkpoint selection only), averaged
+    over the token horizon and, with a layer head, the layer horizon."""
     hits = total = 0
     k = model.cfg.top_k
     for s in seqs:
         sl = trace.sequence(int(s))
         experts = trace.experts[sl].astype(np.int64)
-        routes = multi_hot(experts, model.cfg.n_experts).reshape(len(experts), -1)
-        probs = sequence_probs(model, trace.tokens[sl].astype(np.int64), routes)
-        top = np.argpartition(-probs, k - 1, axis=-1)[..., :k]
-        hits += int((experts[..., :, None] == top[..., None, :]).any(-1).sum())
-        total += experts.size
+        spec = None if trace.spec_experts is None else trace.spec_experts[sl]
+        for layer_horizon in (False, True) if model.layer_head is not None else (False,):
+            probs = sequence_probs(model, trace.tokens[sl].astype(np.int64), experts, spec, layer_horizon)
+            top = np.argpartition(-probs, k - 1, axis=-1)[..., :k]
+            hits += int((experts[..., :, None] == top[..., None, :]).any(-1).sum())
+            total += experts.size
     return hits / max(total, 1)
 
 
+@torch.no_grad()
+def calibrate_spec_gain(model: RouteTransformer, trace: Trace, seqs: np.ndarray) -> list[list[float]]:
+    """Set the layer head's per-layer speculation gains (a pair, 0..8 each) from recall@k on `seqs` (held-out
+    sequences, never trained on): the largest pair within one standard error of the best. Trained jointly,
+    the gains stay where training tokens put them: there the rest of the head is more often right than on
+    new text, so speculation ends up under-weighted."""
+    head = model.layer_head
+    if head is None or trace.spec_experts is None or not len(seqs):
+        return []
+    k, n_exp = model.cfg.top_k, model.cfg.n_experts
+    head.spec_gain.zero_()
+    head.rank_gain.zero_()
+    rest, ranked, actual = [], [], []
+    for s in seqs:
+        sl = trace.sequence(int(s))
+        experts, spec = trace.experts[sl], trace.spec_experts[sl]
+        probs = sequence_probs(model, trace.tokens[sl].astype(np.int64), experts, spec, layer_horizon=True)
+        p = np.clip(probs, 1e-7, 1 - 1e-7)  # back to logits (BCE); a monotone map keeps the ranking for softmax
+        rest.append(np.log(p / (1 - p)))
+        ranked.append(ranked_hot(spec, n_exp))
+        actual.append(experts.astype(np.int64))
+    r, h, a = np.concatenate(rest), np.concatenate(ranked), np.concatenate(actual)
+    grid = np.linspace(0.0, 8.0, 17)
+    gains = [[0.0, 0.0]]  # layer 0 has no speculation
+    for j in range(1, model.cfg.moe_layers):
+        scores = {}
+        for g in grid:
+            for q in grid:
+                top = np.argpartition(-(r[:, j] + g * (h[:, j] > 0) + q * h[:, j]), k - 1, axis=-1)[:, :k]
+                scores[float(g), float(q)] = (a[:, j, :, None] == top[:, None, :]).any(-1).mean()
+        # Within one standard error of the best, lean on speculation (the larger gains): it is the
+        # signal that carries over to new text, the rest of the head is fitted on the training tokens.
+        best = max(scores.values())
+        slack = np.sqrt(best * (1 - best) / a[:, j].size)
+        gains.append(list(max((gq for gq, v in scores.items() if v >= best - slack), key=sum)))
+    table = torch.tensor(gains)
+    head.spec_gain.copy_(table[:, 0])
+    head.rank_gain.copy_(table[:, 1])
+    return gains
+
+
 def train(
-    trace: Trace, model_cfg: RouteModelConfig, cfg: TrainConfig = TrainConfig(), log: Callable[[str], None] = print
+    trace: Trace,
+    model_cfg: RouteModelConfig,
+    cfg: TrainConfig = TrainConfig(),
+    log: Callable[[str], None] = print,
+    device: str | torch.device = "cpu",
 ) -> tuple[RouteTransformer, dict]:
-    """The trained model (best held-out recall) and a summary of the run."""
+    """The trained model (best held-out recall, on the CPU) and a summary of the run."""
+    device = torch.device(device)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     order = rng.permutation(trace.n_sequences)
@@ -194,11 +287,19 @@ def train(
         rows = model.rows(torch.from_numpy(seen))
         model.token_map.fill_(model_cfg.vocab_size)
         model.token_map[rows] = rows
-    if model.table is not None:
-        init_token_table(model, trace, fit)
-        model.table.weight.requires_grad_(cfg.train_table)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), foreach=True)
     batches = _Batches(trace, model_cfg)
+    if model.table is not None:
+        table = init_token_table(model, trace, fit)
+        model.table.weight.requires_grad_(cfg.train_table)
+        if not cfg.train_table:
+            with torch.no_grad():
+                table_rows = model.rows(torch.from_numpy(trace.tokens.astype(np.int64))).numpy()
+            fitted = np.zeros(len(trace.tokens), bool)
+            for s in fit:
+                fitted[trace.sequence(int(s))] = True
+            batches = _Batches(trace, model_cfg, table, table_rows, fitted)
+    model.to(device)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), foreach=True)
     t0, step, epoch, best, best_state, history = time.time(), 0, 0, -1.0, None, []
     queue: list[list[tuple[int, int]]] = []
 
@@ -211,16 +312,26 @@ def train(
             queue += [packed[i] for i in rng.permutation(len(packed))]
             epoch += 1
         batch, queue = batches.make(queue[: cfg.rows]), queue[cfg.rows :]
+        batch = {k: None if v is None else v.to(device, non_blocking=True) for k, v in batch.items()}
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(progress(), 1.0)))
         for group in opt.param_groups:
             group["lr"] = lr
-        tokens = batch["tokens"]
+        tokens, table_logits = batch["tokens"], batch["table"]
         if cfg.token_dropout > 0 and not model_cfg.hash_tokens:  # hashed ids have no unknown id to point at
-            drop = torch.rand(tokens.shape) < cfg.token_dropout
+            drop = torch.rand(tokens.shape, device=device) < cfg.token_dropout
             tokens = torch.where(drop, torch.full_like(tokens, model_cfg.vocab_size), tokens)
+            if table_logits is not None:
+                unknown = model.table.weight[model_cfg.vocab_size].view(model_cfg.moe_layers, model_cfg.n_experts)
+                table_logits = torch.where(drop[..., None, None], unknown, table_logits)
         model.train()
-        logits = model(tokens, batch["prev"], batch["positions"], batch["mask"])
+        state, logits = model.encode(tokens, batch["prev"], batch["positions"], batch["mask"], table_logits)
         loss = loss_fn(model, logits, batch["target"], batch["valid"])
+        if model.layer_head is not None:
+            spec = batch["spec"]
+            if spec is not None and cfg.spec_dropout > 0:
+                spec = spec * (torch.rand(spec.shape[:2], device=device) >= cfg.spec_dropout)[..., None, None]
+            refined = model.refine(state, logits, batch["target"], spec)
+            loss = loss + loss_fn(model, refined, batch["target"], batch["valid"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -236,14 +347,18 @@ def train(
                 best, best_state = recall, {k: v.clone() for k, v in model.state_dict().items()}
     if best_state is not None:
         model.load_state_dict(best_state)
+    model.cpu().eval()
+    spec_gain = calibrate_spec_gain(model, trace, hold)
     summary = {
         "steps": step,
         "epochs": epoch,
         "seconds": round(time.time() - t0, 1),
         "holdout_sequences": len(hold),
         "best_holdout_recall": best,
+        "spec_gain": spec_gain,
         "train_tokens": int(sum(trace.seq_offsets[s + 1] - trace.seq_offsets[s] for s in fit)),
         "train_config": asdict(cfg),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "history": history,
     }
     return model.eval(), summary

@@ -124,3 +124,39 @@ def test_host_arena_is_registered_shared_memory_on_cuda(mixtral_dir):
     view = loaded.store.host_view((0, 0))
     assert view.is_pinned()
     loaded.close()
+
+
+class _SlowCopier(CpuCopier):
+    """Copies on the host, but reports them landed only when the test says so (a busy copy stream)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = False
+
+    def copy(self, dst, src, after):
+        super().copy(dst, src, after)
+        return object()
+
+    def landed(self, ready) -> bool:
+        return ready is None or self.done
+
+
+def test_prefetch_queue_issues_a_few_at_a_time_cancels_and_yields_to_demand(mixtral_dir):
+    files, store, _ = _store(mixtral_dir, host_budget=10**9)
+    copier = _SlowCopier()
+    cache = ExpertCache(store, 8, torch.device("cpu"), LruPolicy(), copier, max_inflight=2)
+    cache.prefetch([(0, 1), (0, 2), (1, 3), (1, 4), (2, 5)])
+    assert sorted(cache.residency.resident()) == [(0, 1), (0, 2)]  # two copying, three queued
+    assert cache.stats.prefetches == 2
+    cache.prefetch([(0, 1), (0, 2), (2, 5)])  # (1, 3) and (1, 4) are no longer wanted
+    assert cache.stats.prefetch_cancelled == 2 and (2, 5) not in cache.residency
+    assert [e for e, *_ in cache.acquire(1, [4])] == [4]  # a demand load does not wait for the queue
+    assert cache.stats.misses == 1 and (2, 5) not in cache.residency
+    copier.done = True  # the copies landed: the queue moves on at the next call
+    assert [e for e, *_ in cache.acquire(0, [1])] == [1]
+    assert (2, 5) in cache.residency and cache.stats.prefetches == 3 and cache.stats.prefetch_used == 1
+    copier.done = False
+    cache.prefetch([(2, 6), (2, 7)])
+    assert [e for e, *_ in cache.acquire(2, [7])] == [7]  # queued, then demanded: loaded now, not twice
+    assert cache.stats.misses == 2 and cache.stats.prefetches == 4  # (2, 6) went out, (2, 7) on demand
+    store.close()

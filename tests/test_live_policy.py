@@ -8,7 +8,8 @@ import pytest
 from conftest import prompt_ids
 from expertflow.engine import Engine, SamplingParams
 from expertflow.loader import LoadOptions, load
-from orchestrator.live_policy import ExpertFlowPolicy
+from orchestrator.live_policy import ExpertFlowPolicy, LivePlanConfig
+from orchestrator.planner import PlanConfig
 from predictor.base import PredictorSession, RoutePredictor
 
 
@@ -54,9 +55,13 @@ def test_expertflow_policy_prefetches_and_never_changes_outputs(tiny_models, fam
     expected = Engine(lru).generate(prompts, params)
     lru.close()
 
+    policies = []
+
     def factory(spec):
         moe = spec.layers[spec.moe_layers[0]].moe
-        return ExpertFlowPolicy(_RepeatLast(len(spec.moe_layers), moe.router.n_experts), spec.moe_layers, threshold=0.5)
+        predictor = _RepeatLast(len(spec.moe_layers), moe.router.n_experts)
+        policies.append(ExpertFlowPolicy(predictor, spec.moe_layers, LivePlanConfig(plan=PlanConfig(threshold=0.5))))
+        return policies[-1]
 
     for budget in ["25%", "100%"]:
         loaded = load(directory, LoadOptions(expert_budget=budget, policy_factory=factory))
@@ -65,6 +70,43 @@ def test_expertflow_policy_prefetches_and_never_changes_outputs(tiny_models, fam
         assert [o.token_ids for o in result.outputs] == [o.token_ids for o in expected.outputs]
         total = result.stats.total
         print(budget, total.to_dict())
+        assert policies[-1].plans > 0  # the deadline planner ran at every decode layer
         if budget == "25%":  # at 100% every expert stays resident after the prefill
             assert total.prefetches > 0 and total.prefetch_used > 0
         assert total.prefetch_used + total.prefetch_wasted <= total.prefetches
+
+
+def test_learned_predictor_with_layer_head_drives_the_live_planner(tiny_models):
+    """End to end on CPU: a trace recorded from the model trains a predictor with a layer head; the live
+    policy plans with it (refining each layer from the routes already taken) and outputs stay identical."""
+    from expertflow.trace import record
+    from predictor.learned import LearnedPredictor, LearnedSession
+    from predictor.train import TrainConfig, model_config_for, train
+
+    directory, _ = tiny_models["mixtral"]
+    prompts = [prompt_ids(30 + i, 24) for i in range(12)]
+    loaded = load(directory, LoadOptions(expert_budget="100%", policy="lru"))
+    trace = record(Engine(loaded), prompts, [0] * len(prompts), ["test"], "test")
+    expected = Engine(loaded).generate(prompts[:2], SamplingParams(max_new_tokens=12, stop_on_eos=False))
+    loaded.close()
+    cfg = model_config_for(trace, d_model=32, n_layers=1, n_heads=2, context=32, layer_dim=16)
+    model, _ = train(trace, cfg, TrainConfig(seconds=30, max_steps=20, rows=4))
+    refined = []
+
+    class WatchedSession(LearnedSession):
+        def refine(self, layer_index, spec=None):
+            refined.append(layer_index)
+            return super().refine(layer_index, spec)
+
+    class Watched(LearnedPredictor):
+        def session(self):
+            return WatchedSession(self.model)
+
+    loaded = load(
+        directory,
+        LoadOptions(expert_budget="25%", policy_factory=lambda spec: ExpertFlowPolicy(Watched(model), spec.moe_layers)),
+    )
+    result = Engine(loaded).generate(prompts[:2], SamplingParams(max_new_tokens=12, stop_on_eos=False))
+    loaded.close()
+    assert [o.token_ids for o in result.outputs] == [o.token_ids for o in expected.outputs]
+    assert refined and result.stats.total.prefetches > 0

@@ -14,6 +14,7 @@ from orchestrator.policies import Belady, Lru, OnDemand, PolicyInputs, Static, m
 from orchestrator.scheduler import Request, SchedulerConfig, fifo_batch, form_batch, replay
 from orchestrator.simulator import SimConfig, compare, simulate
 from predictor.base import RoutePredictor
+from predictor.baselines import TrueRoutes
 from traces.format import Trace, TraceInfo
 
 
@@ -47,13 +48,14 @@ def multi_hot(experts: np.ndarray, n_experts: int) -> np.ndarray:
     return out
 
 
-class Oracle(RoutePredictor):
-    """Tests only: the true routes of each token, known when the token starts."""
+Oracle = TrueRoutes  # the true routes of each token, known when the token starts
 
-    name = "oracle"
 
-    def predict(self, trace: Trace, s: int) -> np.ndarray:
-        return multi_hot(trace.experts[trace.sequence(s)], trace.info.n_experts)
+class NextLayerOracle(TrueRoutes):
+    """Tests only: a perfect layer-horizon predictor (each layer's true routes, once the layer before ran)."""
+
+    name = "next-layer-oracle"
+    horizon = "layer"
 
 
 class Frequency(RoutePredictor):
@@ -210,6 +212,16 @@ def test_oracle_expertflow_moves_belady_like_bytes_with_almost_no_stall():
     # the first layer of a request's first tokens can stall, unless the request's recent routes cover it.
     assert ef.misses <= trace.n_sequences * trace.info.top_k
     assert ef.stall_ms < 0.5 * belady.stall_ms and ef.stall_ms < 0.5 * lru.stall_ms
+
+
+def test_layer_horizon_refinement_lifts_a_weak_token_prediction():
+    train, trace = random_trace(1, n_seq=4, length=60), random_trace(8, n_seq=4, length=60)
+    config = SimConfig(budget=0.5, bandwidth=1e9, expert_bytes=10**5, layer_ms=0.5)
+    plain = simulate(trace, ExpertFlow(Frequency(train)), config)
+    refined = simulate(trace, ExpertFlow(Frequency(train), refiner=NextLayerOracle()), config)
+    assert refined.hits > plain.hits and refined.stall_ms < plain.stall_ms
+    with pytest.raises(ValueError, match="not a layer-horizon predictor"):
+        ExpertFlow(Frequency(train), refiner=Oracle())
 
 
 def test_unavailable_and_unsupported_policies_are_reported_not_run():

@@ -10,6 +10,7 @@ import torch
 
 from predictor.base import RoutePredictor
 from predictor.baselines import (
+    ranked_hot,
     ActivationMatrixPredictor,
     FrequencyPredictor,
     GateSpeculationPredictor,
@@ -266,8 +267,9 @@ def test_cli_import_train_eval(tmp_path, capsys):
     )
     result = json.loads(capsys.readouterr().out)
     names = [r["name"] for r in result["results"]]
-    assert names == ["learned", "learned+online", "frequency", "gate-speculation", "activation-matrix"]
-    gate = result["results"][3]
+    assert names == ["learned", "learned+online", "learned@layer", "frequency", "gate-speculation", "activation-matrix"]
+    assert result["results"][2]["horizon"] == "layer"
+    gate = result["results"][4]
     assert gate["supported"] is False and "hidden states" in gate["reason"]
     assert main(["eval-predictor", "--predictor", str(out), "--traces", str(tmp_path / "x.safetensors")]) != 0
 
@@ -275,3 +277,87 @@ def test_cli_import_train_eval(tmp_path, capsys):
 def test_multi_hot_drops_sentinels():
     hot = multi_hot(np.array([[1, 255], [0, 3]], np.uint8), 4)
     assert hot.tolist() == [[0, 1, 0, 0], [1, 0, 0, 1]]
+
+
+def _chain_trace(seed: int, n_seq: int, length: int, spec_right: float = 0.0) -> Trace:
+    """3 MoE layers, 8 experts, top-2: layer 0 picks a random pair whatever the token; layer j+1 picks layer j's
+    pair shifted by 3. Only the token's own earlier layers tell (the layer horizon). Gate speculation, where
+    given, is right for a share `spec_right` of tokens and a fixed wrong pair otherwise."""
+    rng = np.random.default_rng(seed)
+    first = np.stack([np.sort(rng.permutation(8)[:2]) for _ in range(n_seq * length)])
+    experts = np.stack([np.sort((first + 3 * j) % 8, -1) for j in range(3)], 1)  # [N, 3, 2]
+    spec = np.where(rng.random((len(first), 3, 1)) < spec_right, experts, np.array([6, 7]))
+    spec[:, 0] = 255
+    return _trace(rng.integers(0, 16, len(first)), [length] * n_seq, experts, spec=spec.astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def chain_model():
+    trace = _chain_trace(0, 48, 16, spec_right=0.5)
+    cfg = model_config_for(trace, d_model=32, n_layers=1, n_heads=2, context=16, dropout=0.0, layer_dim=32)
+    return train(trace, cfg, TrainConfig(seconds=60, max_steps=300, rows=8, lr=3e-3, eval_every=100))
+
+
+def test_layer_head_learns_from_the_tokens_earlier_layers(chain_model):
+    model, summary = chain_model
+    test = _chain_trace(1, 8, 16)
+    token = evaluate(LearnedPredictor(model), test)["layers"]
+    layer = evaluate(LearnedPredictor(model, layer_horizon=True), test)["layers"]
+    assert token[1]["recall@k"] < 0.6 and token[2]["recall@k"] < 0.6  # the pair is random per token
+    assert layer[1]["recall@k"] > 0.95 and layer[2]["recall@k"] > 0.95, summary["history"]
+
+
+def test_layer_head_never_reads_the_layer_it_predicts_or_later(chain_model):
+    model, _ = chain_model
+    torch.manual_seed(0)
+    state, logits = torch.randn(5, model.cfg.d_model), torch.randn(5, 3, 8)
+    routes = (torch.rand(5, 3, 8) < 0.3).float()
+    spec = torch.from_numpy(ranked_hot(np.array([[[255, 255], [1, 2], [3, 4]]] * 5, np.uint8), 8))
+    with torch.no_grad():
+        base = model.refine(state, logits, routes, spec)
+        for j in range(3):
+            changed = routes.clone()
+            changed[:, j:] = 1.0 - changed[:, j:]
+            assert torch.equal(model.refine(state, logits, changed, spec)[:, : j + 1], base[:, : j + 1])
+
+
+def test_session_refine_matches_the_layer_horizon_replay(chain_model):
+    model, _ = chain_model
+    test = _chain_trace(2, 1, 20, spec_right=0.5)
+    replay = LearnedPredictor(model, layer_horizon=True).predict(test, 0)
+    session = LearnedPredictor(model).session()
+    for t in range(20):
+        session.observe_token(int(test.tokens[t]))
+        session.predict()
+        for j in range(3):
+            spec = None if j == 0 else test.spec_experts[t, j].tolist()
+            assert np.allclose(session.refine(j, spec), replay[t, j], atol=1e-5), (t, j)
+            session.observe_route(j, test.experts[t, j].tolist())
+
+
+def test_speculation_gain_is_calibrated_on_held_out_sequences():
+    from predictor.train import calibrate_spec_gain
+
+    trace = _chain_trace(3, 20, 12, spec_right=1.0)  # speculation always right
+    cfg = model_config_for(trace, d_model=16, n_layers=1, n_heads=2, context=16, layer_dim=16)
+    model, _ = train(trace, cfg, TrainConfig(seconds=30, max_steps=2, rows=4))
+    gains = calibrate_spec_gain(model, trace, np.arange(20))
+    assert gains[0] == [0.0, 0.0] and all(max(g) > 0 for g in gains[1:])
+    assert evaluate(LearnedPredictor(model, layer_horizon=True), trace)["layers"][1]["recall@k"] == 1.0
+
+
+def test_training_reads_the_token_table_leave_one_out():
+    from predictor.train import _Batches, init_token_table
+    from predictor.model import RouteTransformer
+
+    trace = _trace(np.array([5, 5, 5]), [1, 1, 1], np.array([[[0, 1]], [[0, 1]], [[2, 3]]]))
+    cfg = model_config_for(trace, d_model=16, n_heads=2, context=4, layer_dim=0)
+    model = RouteTransformer(cfg)
+    table = init_token_table(model, trace, np.arange(3))
+    rows = np.full(3, 5)
+    batch = _Batches(trace, cfg, table, rows, np.array([True, True, False])).make([[(0, 1), (2, 1)]])
+    got = batch["table"].numpy()[0, :2, 0]  # [position, E]
+    # position 0 (fitted): the table without itself = token 5 seen twice, once [0, 1], once [2, 3]
+    assert np.allclose(got[0], table.logits(table.counts[5] - multi_hot(np.array([0, 1]), 8), np.float32(2.0)))
+    # position 1 holds trace row 2, which was not fitted: the full table
+    assert np.allclose(got[1], model.table.weight[5].detach().numpy())

@@ -68,6 +68,11 @@ def test_format_round_trip_select_and_concat(tmp_path):
     both = concat([a, b])
     assert both.info.domains == ("x", "y") and both.n_sequences == 6
     assert list(both.seq_domain[4:]) == [1, 1]
+    from dataclasses import replace
+
+    a2, b2 = (replace(t, info=replace(t.info, extra={"vocab_size": 99, "split": n})) for t, n in ((a, "p"), (b, "q")))
+    assert concat([a2]).info.extra == {"vocab_size": 99, "split": "p"}
+    assert concat([a2, b2]).info.extra == {"vocab_size": 99}  # only what every trace agrees on
 
 
 def test_format_rejects_bad_files(tmp_path):

@@ -132,7 +132,8 @@ def load_trace(path: str | Path) -> Trace:
 
 
 def concat(traces: list[Trace]) -> Trace:
-    """One trace of several from the same model; domains are merged by name."""
+    """One trace of several from the same model; domains are merged by name, and `info.extra` keeps the
+    entries every trace agrees on."""
     if not traces:
         raise ValueError("nothing to concatenate")
     first = traces[0].info
@@ -147,9 +148,17 @@ def concat(traces: list[Trace]) -> Trace:
         total += len(t.tokens)
     remap = [np.array([domains.index(d) for d in t.info.domains], np.int16) for t in traces]
     has_spec = all(t.spec_experts is not None for t in traces)
+    extra = {k: v for k, v in first.extra.items() if all(t.info.extra.get(k) == v for t in traces)}
     return Trace(
         TraceInfo(
-            first.model, first.family, first.moe_layers, first.n_experts, first.top_k, tuple(domains), first.source
+            first.model,
+            first.family,
+            first.moe_layers,
+            first.n_experts,
+            first.top_k,
+            tuple(domains),
+            first.source,
+            extra,
         ),
         np.concatenate([t.tokens for t in traces]),
         np.concatenate(offsets),

@@ -7,6 +7,9 @@ and whether every policy produced the same tokens.
 
     python bench/live_policies.py --predictor DIR --traces traces/data/coarse_test.safetensors --device cuda
 
+Policies: lru, ondemand, expertflow (learned predictor, online correction, layer head with the model's gate
+speculation), expertflow-nospec (the layer head without speculation), expertflow-raw (no online correction).
+
 Not for: correctness (tests) or trace replay (orchestrator's simulator).
 """
 
@@ -22,7 +25,7 @@ import torch
 from expertflow.default_model import default_model_dir
 from expertflow.engine import Engine, SamplingParams
 from expertflow.loader import LoadOptions, load
-from orchestrator.live_policy import ExpertFlowPolicy
+from orchestrator.live_policy import ExpertFlowPolicy, LivePlanConfig
 from predictor.learned import LearnedPredictor
 from predictor.online import OnlineConfig
 from expert_store.stats import CacheStats
@@ -46,7 +49,8 @@ def run(
     if policy.startswith("expertflow"):
         online = None if policy == "expertflow-raw" else OnlineConfig()
         predictor = LearnedPredictor.load(predictor_dir, online)
-        factory = lambda spec: ExpertFlowPolicy(predictor, spec.moe_layers)  # noqa: E731
+        config = LivePlanConfig(speculation=policy != "expertflow-nospec")
+        factory = lambda spec: ExpertFlowPolicy(predictor, spec.moe_layers, config)  # noqa: E731
     base = "lru" if factory else policy
     loaded = load(model, LoadOptions(device=device, expert_budget=budget, policy=base, policy_factory=factory))
     engine = Engine(loaded)

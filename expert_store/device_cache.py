@@ -88,11 +88,10 @@ class ExpertCache:
     def prefetch(self, keys: Sequence[ExpertKey], protected: frozenset[ExpertKey] = frozenset()) -> None:
         """Make `keys` (earliest deadline first) the prefetch queue: queued keys not listed are cancelled,
         the rest issued as copies allow, never evicting anything in `protected` or in `keys`."""
-        wanted = [k for k in dict.fromkeys(keys) if k not in self.residency]
-        listed = set(wanted)
+        listed = set(keys)
         self.stats.prefetch_cancelled += sum(1 for k in self._queue if k not in listed)
-        self._queue = wanted
-        self._keep = frozenset(protected) | listed
+        self._queue = [k for k in dict.fromkeys(keys) if k not in self.residency]
+        self._keep = frozenset(protected) | listed  # resident keys listed stay too
         self._pump()
 
     def _pump(self) -> None:
@@ -101,6 +100,7 @@ class ExpertCache:
             del self._inflight[key]  # evicted meanwhile
         for key in [k for k, slot in self._inflight.items() if self.copier.landed(self._ready[slot])]:
             del self._inflight[key]
+            self.policy.on_landed(key)
         while self._queue and len(self._inflight) < self.max_inflight:
             key = self._queue[0]
             if key in self.residency:

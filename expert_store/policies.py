@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
+
+import torch
 
 from expert_store.layout import ExpertKey
 from expert_store.stats import CacheStats
@@ -25,6 +27,9 @@ class CachePolicy(ABC):
 
     def attach(self, n_slots: int) -> None:
         """The cache this policy serves holds `n_slots` experts."""
+
+    def bind_speculation(self, speculate: Callable[[int, torch.Tensor], tuple[int, torch.Tensor] | None]) -> None:
+        """The model's next-layer gate speculation (`MoETransformer.speculate`), for policies that use it."""
 
     def end_step(self, seconds: float, stats: CacheStats) -> None:
         """A forward pass took `seconds` (wall clock) with these cache counters: measured times for planning."""
@@ -46,6 +51,9 @@ class CachePolicy(ABC):
 
     def on_load(self, key: ExpertKey) -> None:
         """`key` was placed in a slot."""
+
+    def on_landed(self, key: ExpertKey) -> None:
+        """A prefetched `key`'s copy has finished (seen when the cache next polls its copies)."""
 
     def on_evict(self, key: ExpertKey) -> None:
         """`key` left the cache."""

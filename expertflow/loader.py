@@ -125,6 +125,7 @@ def load(directory: str | Path, options: LoadOptions = LoadOptions()) -> LoadedM
     host_budget = parse_budget(options.host_budget, len(names) * layout.slot_nbytes, "--host-budget")
     store = LocalExpertStore(files, names, layout, host_budget, device.type == "cuda", options.progress)
     policy = options.policy_factory(spec) if options.policy_factory else make_policy(options.policy)
+    policy.bind_speculation(model.speculate)
     cache = ExpertCache(store, n_slots, device, policy, make_copier(device))
     for i, _ in moe_layers:
         model.layers[i].moe.cache = cache

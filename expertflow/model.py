@@ -59,6 +59,16 @@ class MoETransformer(nn.Module):
         self.norm = RMSNorm(spec.hidden, spec.rms_eps)
         self.lm_head = nn.Linear(spec.hidden, spec.vocab_size, bias=False)
         self.register_buffer("inv_freq", spec.inv_freq.clone(), persistent=False)
+        self._next_moe = dict(zip(spec.moe_layers, spec.moe_layers[1:]))
+
+    def speculate(self, layer: int, h: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        """Next-layer gate speculation: the next MoE layer's router on layer `layer`'s post-attention
+        state h [N, D]; (that MoE layer, its top-k ids [N, K]), or None after the last MoE layer."""
+        nxt = self._next_moe.get(layer)
+        if nxt is None:
+            return None
+        block = self.layers[nxt]
+        return nxt, block.moe.router(block.mlp_norm(h))[0]
 
     def new_caches(self, batch: int, length: int) -> list[KVCache]:
         p = self.embed.weight

@@ -32,17 +32,14 @@ class TraceRecorder:
     def __init__(self, model: MoETransformer):
         self.model = model
         self.moe_layers = model.spec.moe_layers
-        self._next = {a: b for a, b in zip(self.moe_layers, self.moe_layers[1:])}
         self._ids: dict[int, torch.Tensor] = {}
         self._scores: dict[int, torch.Tensor] = {}
         self._spec: dict[int, torch.Tensor] = {}
 
     def on_attention_out(self, layer: int, h: torch.Tensor) -> None:
-        nxt = self._next.get(layer)
-        if nxt is None:
-            return
-        block = self.model.layers[nxt]
-        self._spec[nxt] = block.moe.router(block.mlp_norm(h))[0]
+        speculated = self.model.speculate(layer, h)
+        if speculated is not None:
+            self._spec[speculated[0]] = speculated[1]
 
     def on_route(self, layer: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
         self._ids[layer], self._scores[layer] = ids, scores

@@ -4,11 +4,16 @@ Per request it keeps a predictor session fed with the request's tokens and the r
 taken. When a decode step starts, every live request's next-token prediction [L, E] is merged into
 the probability that any request needs each (layer, expert). As each MoE layer is about to route,
 the policy refines that layer's row with the predictor's layer head (the request's routes at the
-layers already run), and hands everything to `orchestrator.planner.plan`, the same code the simulator
+layers already run, and the model's next-layer gate speculation when the loader bound it), and hands everything to `orchestrator.planner.plan`, the same code the simulator
 runs: deadlines from measured per-layer times, earliest deadline first, transfers that cannot land in
 time or became unlikely dropped. The plan's fetch list becomes the cache's prefetch queue (the cache
 cancels queued keys no longer listed, and loads misses at top priority); victims are the resident
 keys whose expected next use is furthest away (the planner's Belady estimate).
+
+The planner sees the cache as it is: landed keys as resident, copies the cache issued but has not yet
+seen land as in flight (landing one transfer after another), so it only admits transfers that can still
+make their layer. A refined layer replaces that layer's token-horizon row, online correction included:
+the layer head already reads the request's own routes.
 
 Times are measured, not assumed: per-layer time is the decode step's wall time over the MoE layers,
 the transfer time the copy engine's time per copy, both smoothed over steps; until the first decode
@@ -19,6 +24,7 @@ Not for: moving bytes (expert_store) or replaying traces (simulator.py).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,7 +34,7 @@ import torch
 from expert_store.layout import ExpertKey
 from expert_store.policies import CachePolicy, LruPolicy
 from expert_store.stats import CacheStats
-from orchestrator.planner import PlanConfig, PlanInput, next_use_ms, plan
+from orchestrator.planner import InFlight, PlanConfig, PlanInput, next_use_ms, plan
 from predictor.base import PredictorSession, RoutePredictor
 
 
@@ -38,19 +44,27 @@ class LivePlanConfig:
     recent_half_life: float = 4.0  # tokens; the requests' own recent routing, for the next token's layers
     next_token_model_weight: float = 0.5  # next token's p = w * this token's prediction + (1 - w) * recent
     smoothing: float = 0.3  # weight of the newest step in the measured times
+    speculation: bool = True  # feed the model's next-layer gate speculation to the layer head
     layer_ms: float = 1.0  # starting guesses, replaced by measurements
     transfer_ms: float = 1.0
 
 
 class _RouteCollector:
-    """Receives one forward pass's routing from the model (the RouteRecorder protocol)."""
+    """Receives one forward pass's routing from the model (the RouteRecorder protocol), and gate
+    speculation for the next MoE layer while `live` (decode steps) if a speculation function is bound."""
 
     def __init__(self, on_layer) -> None:
         self.ids: dict[int, np.ndarray] = {}
+        self.spec: dict[int, np.ndarray] = {}  # MoE layer -> speculated ids [N, K] of this step
+        self.speculate = None
+        self.live = False
         self._on_layer = on_layer
 
     def on_attention_out(self, layer: int, h: torch.Tensor) -> None:
-        return None
+        if self.live and self.speculate is not None:
+            speculated = self.speculate(layer, h)
+            if speculated is not None:
+                self.spec[speculated[0]] = speculated[1].cpu().numpy()
 
     def on_route(self, layer: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
         # The MoE block reads these ids on the host right after this call anyway.
@@ -58,7 +72,7 @@ class _RouteCollector:
         self._on_layer(layer, self.ids[layer])
 
     def take(self) -> dict[int, np.ndarray]:
-        out, self.ids = self.ids, {}
+        out, self.ids, self.spec = self.ids, {}, {}
         return out
 
 
@@ -79,7 +93,8 @@ class ExpertFlowPolicy(CachePolicy):
         self._recent: np.ndarray | None = None  # [L, E] decayed routing of the live requests
         self._use: np.ndarray | None = None  # [L, E] expected next use (ms) from the last plan
         self._window: frozenset[ExpertKey] = frozenset()
-        self._resident: set[ExpertKey] = set()
+        self._resident: set[ExpertKey] = set()  # in a slot, landed or still copying
+        self._copying: dict[ExpertKey, float] = {}  # issued copies not known to have landed -> issue time (ms)
         self._n_slots = 0
         self._layer_ms = config.layer_ms
         self._transfer_ms = config.transfer_ms
@@ -95,6 +110,10 @@ class ExpertFlowPolicy(CachePolicy):
     def route_observer(self) -> _RouteCollector:
         return self._collector
 
+    def bind_speculation(self, speculate) -> None:
+        if self.config.speculation:
+            self._collector.speculate = speculate
+
     def begin_step(self, new_tokens: list[list[int]], prefill: bool = False) -> None:
         routes = self._collector.take()
         if prefill or len(new_tokens) != len(self._sessions):
@@ -104,6 +123,7 @@ class ExpertFlowPolicy(CachePolicy):
             self._feed_prefill(routes)  # the prompts' routes reach the sessions now
         self._step_tokens = [list(t) for t in new_tokens]
         self._decoding = not prefill
+        self._collector.live = self._decoding
         self._window = frozenset()
         self._probs = self._use = None
         if prefill:
@@ -167,25 +187,39 @@ class ExpertFlowPolicy(CachePolicy):
         if self._probs is None or next_layer not in self._index:
             return []
         j = self._index[next_layer]
-        refined = [s.refine(j) if p is not None else None for s, p in zip(self._sessions, self._request_probs)]
+        spec = self._collector.spec.get(next_layer)  # rows: live requests in order, as the routes
+        refined, row = [], 0
+        for session, p in zip(self._sessions, self._request_probs):
+            if p is None:
+                refined.append(None)
+                continue
+            refined.append(session.refine(j, None if spec is None else spec[row].tolist()))
+            row += 1
         if any(r is not None for r in refined):
             self._probs[j] = self._merge(refined)
         probs = self._probs.copy()
         if self._recent is not None:
             w = self.config.next_token_model_weight
             probs[:j] = w * probs[:j] + (1.0 - w) * self._recent[:j]  # due with the next token
+        now = time.perf_counter() * 1e3
         resident = np.zeros(probs.shape, bool)
-        for layer, e in self._resident:
+        for layer, e in self._resident - self._copying.keys():
             resident[self._index[layer], e] = True
+        # The copy stream serves issued copies in order: each lands a transfer after the one before.
+        in_flight, eta = [], now
+        for (layer, e), issued in sorted(self._copying.items(), key=lambda item: item[1]):
+            eta = max(eta, issued) + self._transfer_ms
+            in_flight.append(InFlight((self._index[layer], e), eta, started=True))
         inp = PlanInput(
             probs=probs,
             layer=j,
-            next_start_ms=0.0,
-            now_ms=0.0,
+            next_start_ms=now,
+            now_ms=now,
             layer_ms=(self._layer_ms,) * len(self.moe_layers),
             transfer_ms=self._transfer_ms,
             n_slots=self._n_slots,
             resident=resident,
+            in_flight=tuple(in_flight),
             rate=None if self._recent is None else np.maximum(self._recent, probs),
             link_busy=self._link_busy,
         )
@@ -201,13 +235,19 @@ class ExpertFlowPolicy(CachePolicy):
         return self._window
 
     def on_use(self, key: ExpertKey) -> None:
+        self._copying.pop(key, None)  # compute waited for it: landed
         self._lru.on_use(key)
 
     def on_load(self, key: ExpertKey) -> None:
         self._resident.add(key)
+        self._copying[key] = time.perf_counter() * 1e3
+
+    def on_landed(self, key: ExpertKey) -> None:
+        self._copying.pop(key, None)
 
     def on_evict(self, key: ExpertKey) -> None:
         self._resident.discard(key)
+        self._copying.pop(key, None)
         self._lru.on_evict(key)
 
     def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:

@@ -44,7 +44,7 @@ def sequence_probs(
     n, n_exp = len(tokens), model.cfg.n_experts
     device = model.token_map.device
     own = multi_hot(experts, n_exp)  # [T, L, E]
-    prev = np.concatenate([np.zeros((1, own[0].size), np.float32), own[:-1].reshape(n - 1, -1)])  # token t-1's
+    prev = np.concatenate([np.zeros((1, own[0].size), np.float32), own[:-1].reshape(n - 1, own[0].size)])  # t-1's
     hot_spec = None if spec is None or not layer_horizon else ranked_hot(spec, n_exp)
     starts = [0] + [i * half for i in range(1, max(1, -(-n // half) - 1))]
     out = np.empty((n, model.cfg.moe_layers, n_exp), np.float32)
@@ -138,11 +138,12 @@ class LearnedSession(PredictorSession):
         w = window_start(t, self.model.cfg.context)
         zero = np.zeros_like(self.routes[0])
         prev = np.stack([self.routes[i - 1] if i > 0 else zero for i in range(w, t + 1)])
-        tok = torch.tensor([self.tokens[w : t + 1]], dtype=torch.long)
+        device = self.model.token_map.device
+        tok = torch.tensor([self.tokens[w : t + 1]], dtype=torch.long, device=device)
         with torch.no_grad():
-            state, logits = self.model.encode(tok, torch.from_numpy(prev)[None])
+            state, logits = self.model.encode(tok, torch.from_numpy(prev)[None].to(device))
         self._encoded = state[0, -1], logits[0, -1]
-        probs = self.model.probabilities(logits[0, -1]).numpy()
+        probs = self.model.probabilities(logits[0, -1]).float().cpu().numpy()
         return probs if self.corrector is None else self.corrector.blend(probs)
 
     def refine(self, layer_index: int, spec: list[int] | None = None) -> np.ndarray | None:
@@ -156,6 +157,7 @@ class LearnedSession(PredictorSession):
             hot = torch.zeros(cfg.moe_layers, cfg.n_experts)
             hot[layer_index] = torch.from_numpy(ranked_hot(np.asarray(spec, np.int64)[None], cfg.n_experts)[0])
         state, logits = self._encoded
+        device = state.device
         with torch.no_grad():
-            refined = self.model.refine(state, logits, routes, hot)[layer_index]
-        return self.model.probabilities(refined).numpy()
+            refined = self.model.refine(state, logits, routes.to(device), None if hot is None else hot.to(device))
+        return self.model.probabilities(refined[layer_index]).float().cpu().numpy()

@@ -233,7 +233,9 @@ def calibrate_spec_gain(model: RouteTransformer, trace: Trace, seqs: np.ndarray)
     the gains stay where training tokens put them: there the rest of the head is more often right than on
     new text, so speculation ends up under-weighted."""
     head = model.layer_head
-    if head is None or trace.spec_experts is None or not len(seqs):
+    # The search adds gains to logits recovered from probabilities, which only the BCE head inverts exactly
+    # (the softmax head's k x softmax is capped at 1); softmax models keep their trained gains.
+    if head is None or trace.spec_experts is None or not len(seqs) or model.cfg.loss != "bce":
         return []
     k, n_exp = model.cfg.top_k, model.cfg.n_experts
     head.spec_gain.zero_()
@@ -243,7 +245,7 @@ def calibrate_spec_gain(model: RouteTransformer, trace: Trace, seqs: np.ndarray)
         sl = trace.sequence(int(s))
         experts, spec = trace.experts[sl], trace.spec_experts[sl]
         probs = sequence_probs(model, trace.tokens[sl].astype(np.int64), experts, spec, layer_horizon=True)
-        p = np.clip(probs, 1e-7, 1 - 1e-7)  # back to logits (BCE); a monotone map keeps the ranking for softmax
+        p = np.clip(probs, 1e-7, 1 - 1e-7)  # back to logits
         rest.append(np.log(p / (1 - p)))
         ranked.append(ranked_hot(spec, n_exp))
         actual.append(experts.astype(np.int64))

@@ -160,3 +160,12 @@ def test_prefetch_queue_issues_a_few_at_a_time_cancels_and_yields_to_demand(mixt
     assert [e for e, *_ in cache.acquire(2, [7])] == [7]  # queued, then demanded: loaded now, not twice
     assert cache.stats.misses == 2 and cache.stats.prefetches == 4  # (2, 6) went out, (2, 7) on demand
     store.close()
+
+
+def test_prefetch_never_evicts_a_listed_resident_key(mixtral_dir):
+    files, store, _ = _store(mixtral_dir, host_budget=10**9)
+    cache = ExpertCache(store, 2, torch.device("cpu"), LruPolicy(), CpuCopier())
+    cache.prefetch([(0, 0), (0, 1)])
+    cache.prefetch([(0, 0), (1, 5)])  # (0, 0) is wanted first: (0, 1) must make room, not (0, 0)
+    assert sorted(cache.residency.resident()) == [(0, 0), (1, 5)]
+    store.close()

@@ -87,7 +87,13 @@ def test_learned_predictor_with_layer_head_drives_the_live_planner(tiny_models):
     prompts = [prompt_ids(30 + i, 24) for i in range(12)]
     loaded = load(directory, LoadOptions(expert_budget="100%", policy="lru"))
     trace = record(Engine(loaded), prompts, [0] * len(prompts), ["test"], "test")
-    expected = Engine(loaded).generate(prompts[:2], SamplingParams(max_new_tokens=12, stop_on_eos=False))
+    free_run = Engine(loaded).generate(prompts[:2], SamplingParams(max_new_tokens=12, stop_on_eos=False))
+    # Stop request 0 early, at a token request 1 never produces, so the batch shrinks mid-run and the
+    # policy must map routing rows to the requests still running.
+    first, second = free_run.outputs[0].token_ids, free_run.outputs[1].token_ids
+    stop = next(t for i, t in enumerate(first[1:-2], 1) if t not in second and t not in first[:i])
+    params = SamplingParams(max_new_tokens=12, stop_on_eos=False, stop_token_ids=[stop])
+    expected = Engine(loaded).generate(prompts[:2], params)
     loaded.close()
     cfg = model_config_for(trace, d_model=32, n_layers=1, n_heads=2, context=32, layer_dim=16)
     model, _ = train(trace, cfg, TrainConfig(seconds=30, max_steps=20, rows=4))
@@ -95,7 +101,7 @@ def test_learned_predictor_with_layer_head_drives_the_live_planner(tiny_models):
 
     class WatchedSession(LearnedSession):
         def refine(self, layer_index, spec=None):
-            refined.append(layer_index)
+            refined.append((layer_index, spec))
             return super().refine(layer_index, spec)
 
     class Watched(LearnedPredictor):
@@ -106,7 +112,11 @@ def test_learned_predictor_with_layer_head_drives_the_live_planner(tiny_models):
         directory,
         LoadOptions(expert_budget="25%", policy_factory=lambda spec: ExpertFlowPolicy(Watched(model), spec.moe_layers)),
     )
-    result = Engine(loaded).generate(prompts[:2], SamplingParams(max_new_tokens=12, stop_on_eos=False))
+    result = Engine(loaded).generate(prompts[:2], params)
     loaded.close()
     assert [o.token_ids for o in result.outputs] == [o.token_ids for o in expected.outputs]
+    assert [o.finish_reason for o in result.outputs] == ["eos", "length"]  # request 0 left the batch early
     assert refined and result.stats.total.prefetches > 0
+    # the model's gate speculation reaches the layer head for every MoE layer after the first
+    assert all((spec is not None) == (j > 0) for j, spec in refined)
+    assert all(len(spec) == trace.info.top_k for j, spec in refined if j > 0)

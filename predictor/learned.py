@@ -108,8 +108,9 @@ class LearnedPredictor(RoutePredictor):
 
 
 class LearnedSession(PredictorSession):
-    """One request's token and route history; each predict() reruns the model over the current window,
-    and refine(j) reuses that pass's state for the layer head."""
+    """One request's token and route history. predict() extends the transformer's key/value cache by the new
+    token (rereading the whole window only when a new window starts, every half context), and refine(j)
+    reuses that pass's state for the layer head."""
 
     def __init__(self, model: RouteTransformer, online: OnlineConfig | None = None) -> None:
         cfg = model.cfg
@@ -118,6 +119,8 @@ class LearnedSession(PredictorSession):
         self.routes: list[np.ndarray] = []  # [L*E] per token, filled as observe_route reports layers
         self.corrector = None if online is None else OnlineCorrector(online, cfg.moe_layers, cfg.n_experts, cfg.top_k)
         self._encoded: tuple[torch.Tensor, torch.Tensor] | None = None  # last token's (state, logits)
+        self._kv: list | None = None  # the transformer's keys and values over the current window
+        self._kv_window = (-1, -1)  # (first, last) position the cache covers
 
     def observe_token(self, token_id: int) -> None:
         self.tokens.append(int(token_id))
@@ -136,28 +139,41 @@ class LearnedSession(PredictorSession):
             raise RuntimeError("predict before any observe_token")
         t = len(self.tokens) - 1
         w = window_start(t, self.model.cfg.context)
-        zero = np.zeros_like(self.routes[0])
-        prev = np.stack([self.routes[i - 1] if i > 0 else zero for i in range(w, t + 1)])
         device = self.model.token_map.device
-        tok = torch.tensor([self.tokens[w : t + 1]], dtype=torch.long, device=device)
+        zero = np.zeros_like(self.routes[0])
         with torch.no_grad():
-            state, logits = self.model.encode(tok, torch.from_numpy(prev)[None].to(device))
+            if self._kv is not None and self._kv_window == (w, t - 1):
+                # One new position: the window's earlier positions are cached (their inputs never change,
+                # since position i reads the routes of token i-1, complete before i was predicted).
+                prev = self.routes[t - 1] if t > 0 else zero
+                state, logits = self.model.encode(
+                    torch.tensor([[self.tokens[t]]], device=device),
+                    torch.from_numpy(prev)[None, None].to(device),
+                    positions=torch.tensor([[t - w]], device=device),
+                    kv=self._kv,
+                )
+            else:  # a new window: read it whole
+                prev = np.stack([self.routes[i - 1] if i > 0 else zero for i in range(w, t + 1)])
+                self._kv = [None] * len(self.model.blocks)
+                tok = torch.tensor([self.tokens[w : t + 1]], dtype=torch.long, device=device)
+                state, logits = self.model.encode(tok, torch.from_numpy(prev)[None].to(device), kv=self._kv)
+        self._kv_window = (w, t)
         self._encoded = state[0, -1], logits[0, -1]
         probs = self.model.probabilities(logits[0, -1]).float().cpu().numpy()
         return probs if self.corrector is None else self.corrector.blend(probs)
 
     def refine(self, layer_index: int, spec: list[int] | None = None) -> np.ndarray | None:
         """`spec`: gate speculation's experts for the layer, best first."""
-        if self.model.layer_head is None or self._encoded is None:
+        head = self.model.layer_head
+        if head is None or self._encoded is None:
             return None
         cfg = self.model.cfg
-        routes = torch.from_numpy(self.routes[-1]).view(cfg.moe_layers, cfg.n_experts)
-        hot = None
-        if spec is not None:
-            hot = torch.zeros(cfg.moe_layers, cfg.n_experts)
-            hot[layer_index] = torch.from_numpy(ranked_hot(np.asarray(spec, np.int64)[None], cfg.n_experts)[0])
         state, logits = self._encoded
         device = state.device
+        routes = torch.from_numpy(self.routes[-1]).view(cfg.moe_layers, cfg.n_experts).to(device)
+        hot = None
+        if spec is not None:
+            hot = torch.from_numpy(ranked_hot(np.asarray(spec, np.int64)[None], cfg.n_experts)[0]).to(device)
         with torch.no_grad():
-            refined = self.model.refine(state, logits, routes.to(device), None if hot is None else hot.to(device))
-        return self.model.probabilities(refined[layer_index]).float().cpu().numpy()
+            refined = head.one_layer(layer_index, state, logits, routes, hot)
+        return self.model.probabilities(refined).float().cpu().numpy()

@@ -75,14 +75,26 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.cached(x, mask)[0]
+
+    def cached(
+        self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Also returns this block's keys and values [B, heads, T, dh]. With `past` (the keys and values of
+        the positions before), x holds one new position, which attends to all of them and to itself."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        if mask is None:
+        if past is not None:
+            if t != 1:
+                raise ValueError("a cached step takes one new position")
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+            att = F.scaled_dot_product_attention(q, k, v)
+        elif mask is None:
             att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, t, d)))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        return x + self.drop(self.mlp(self.norm2(x))), (k, v)
 
 
 class RouteTransformer(nn.Module):
@@ -131,14 +143,18 @@ class RouteTransformer(nn.Module):
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         table_logits: torch.Tensor | None = None,  # [B, T, L, E] in place of the table's rows (training)
+        kv: list | None = None,  # per block: (keys, values) of the positions before, or None; updated in place
     ) -> tuple[torch.Tensor, torch.Tensor]:  # state [B, T, D], token-horizon logits [B, T, L, E]
         b, t = tokens.shape
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
         rows = self.rows(tokens)
         x = self.drop(self.tok(rows) + self.pos(positions) + self.route_in(prev_routes))
-        for block in self.blocks:
-            x = block(x, mask)
+        for i, block in enumerate(self.blocks):
+            if kv is None:
+                x = block(x, mask)
+            else:  # keep (or extend) each block's keys and values for the next step
+                x, kv[i] = block.cached(x, None, kv[i])
         x = self.norm(x)
         logits = self.head(x).view(b, t, self.cfg.moe_layers, self.cfg.n_experts)
         if table_logits is not None:
@@ -200,6 +216,19 @@ class LayerHead(nn.Module):
             return logits + self.mlp(u)
         boost = self.spec_gain[:, None] * (spec > 0) + self.rank_gain[:, None] * spec
         return logits + self.mlp(u + self.spec(spec)) + boost
+
+    def one_layer(
+        self, j: int, state: torch.Tensor, logits: torch.Tensor, routes: torch.Tensor, spec: torch.Tensor | None
+    ) -> torch.Tensor:
+        """forward(...)[..., j, :] for one token at a time (state [D], logits and routes [L, E], spec [E]),
+        computing layer j only: what a live session needs as each layer is about to route."""
+        u = self.down(state) + self.layer[j] + self.base(torch.sigmoid(logits[j]))
+        if j > 0:
+            u = u + torch.einsum("ie,ieh->h", routes[:j], self.earlier[:j]) + self.last(routes[j - 1])
+        if spec is None:
+            return logits[j] + self.mlp(u)
+        boost = self.spec_gain[j] * (spec > 0) + self.rank_gain[j] * spec
+        return logits[j] + self.mlp(u + self.spec(spec)) + boost
 
 
 def save_model(model: RouteTransformer, directory: str | Path, meta: dict | None = None) -> None:

@@ -85,6 +85,19 @@ class ExpertCache:
         stats, self.stats = self.stats, CacheStats()
         return stats
 
+    def before_route(self, layer: int) -> None:
+        """`layer` is about to route: let the policy plan (after seeing which copies landed) and queue its plan."""
+        self._pump()
+        self.prefetch(self.policy.prefetch(layer), self.policy.protected())
+
+    def after_route(self, layer: int, experts: Sequence[int]) -> None:
+        """`layer` has routed to `experts`: the policy may replan (e.g. the next layer, now refined) before
+        they run; its prefetches never evict them."""
+        self._pump()
+        keys = self.policy.after_route(layer)
+        if keys is not None:
+            self.prefetch(keys, self.policy.protected() | {(layer, e) for e in experts})
+
     def prefetch(self, keys: Sequence[ExpertKey], protected: frozenset[ExpertKey] = frozenset()) -> None:
         """Make `keys` (earliest deadline first) the prefetch queue: queued keys not listed are cancelled,
         the rest issued as copies allow, never evicting anything in `protected` or in `keys`."""

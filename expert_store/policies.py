@@ -63,6 +63,11 @@ class CachePolicy(ABC):
         The cache issues it a few copies at a time; queued keys a later call no longer lists are cancelled."""
         return []
 
+    def after_route(self, layer: int) -> list[ExpertKey] | None:
+        """`layer` has routed (its experts are about to run): a new prefetch queue, as for `prefetch`,
+        or None to keep the current one."""
+        return None
+
     def protected(self) -> frozenset[ExpertKey]:
         """Keys a prefetch must not evict (e.g. predicted for the layers about to run)."""
         return frozenset()

@@ -82,7 +82,7 @@ class MoEBlock(nn.Module):
         policy = self.cache.policy
         # Prefetches go out before this layer's routing is known, so they overlap the router
         # and every expert this layer finds resident.
-        self.cache.prefetch(policy.prefetch(self.layer), policy.protected())
+        self.cache.before_route(self.layer)
         ids, weights, picked = self.router(x)  # N K
         if recorder is not None:
             recorder.on_route(self.layer, ids, picked)
@@ -93,6 +93,7 @@ class MoEBlock(nn.Module):
         experts_list, counts_list = experts.tolist(), counts.tolist()
         rows_of = dict(zip(experts_list, order.split(counts_list)))
         policy.observe_route(self.layer, experts_list)
+        self.cache.after_route(self.layer, experts_list)  # next-layer copies overlap this layer's experts
         rows_out = x.new_empty(n * k, d)
         for e, gate_up, down in self.cache.acquire(self.layer, experts_list):
             rows = rows_of[e]

@@ -2,11 +2,12 @@
 
 Per request it keeps a predictor session fed with the request's tokens and the routes actually
 taken. When a decode step starts, every live request's next-token prediction [L, E] is merged into
-the probability that any request needs each (layer, expert). As each MoE layer is about to route,
-the policy refines that layer's row with the predictor's layer head (the request's routes at the
-layers already run, and the model's next-layer gate speculation when the loader bound it), and hands everything to `orchestrator.planner.plan`, the same code the simulator
-runs: deadlines from measured per-layer times, earliest deadline first, transfers that cannot land in
-time or became unlikely dropped. The plan's fetch list becomes the cache's prefetch queue (the cache
+the probability that any request needs each (layer, expert). As each MoE layer is about to route, and
+again once it has routed, the policy hands the probabilities to `orchestrator.planner.plan`, the same code
+the simulator runs; once layer j has routed, layer j+1's row is first refined with the predictor's layer
+head (the requests' routes at layers <= j and the model's next-layer gate speculation when the loader bound
+it), a layer before it runs, as in the simulator. The planner sets deadlines from measured per-layer
+times, orders transfers earliest deadline first, and drops those that cannot land in time or became unlikely. The plan's fetch list becomes the cache's prefetch queue (the cache
 cancels queued keys no longer listed, and loads misses at top priority); victims are the resident
 keys whose expected next use is furthest away (the planner's Belady estimate).
 
@@ -55,7 +56,7 @@ class _RouteCollector:
 
     def __init__(self, on_layer) -> None:
         self.ids: dict[int, np.ndarray] = {}
-        self.spec: dict[int, np.ndarray] = {}  # MoE layer -> speculated ids [N, K] of this step
+        self.spec: dict[int, torch.Tensor] = {}  # MoE layer -> speculated ids [N, K] of this step (on device)
         self.speculate = None
         self.live = False
         self._on_layer = on_layer
@@ -64,7 +65,7 @@ class _RouteCollector:
         if self.live and self.speculate is not None:
             speculated = self.speculate(layer, h)
             if speculated is not None:
-                self.spec[speculated[0]] = speculated[1].cpu().numpy()
+                self.spec[speculated[0]] = speculated[1]  # read on the host only when used: no sync here
 
     def on_route(self, layer: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
         # The MoE block reads these ids on the host right after this call anyway.
@@ -186,8 +187,16 @@ class ExpertFlowPolicy(CachePolicy):
     def prefetch(self, next_layer: int) -> list[ExpertKey]:
         if self._probs is None or next_layer not in self._index:
             return []
-        j = self._index[next_layer]
-        spec = self._collector.spec.get(next_layer)  # rows: live requests in order, as the routes
+        return self._plan(self._index[next_layer], time.perf_counter() * 1e3)
+
+    def after_route(self, layer: int) -> list[ExpertKey] | None:
+        """Layer j routed: refine layer j+1 with the routes of layers <= j and its gate speculation (both
+        known now, a layer before it runs) and replan, with layer j+1 due once layer j has computed."""
+        if self._probs is None or layer not in self._index or self._index[layer] + 1 >= len(self.moe_layers):
+            return None
+        j = self._index[layer] + 1
+        spec = self._collector.spec.get(self.moe_layers[j])
+        spec = None if spec is None else spec.cpu().numpy()  # rows: live requests in order, as the routes
         refined, row = [], 0
         for session, p in zip(self._sessions, self._request_probs):
             if p is None:
@@ -195,8 +204,13 @@ class ExpertFlowPolicy(CachePolicy):
                 continue
             refined.append(session.refine(j, None if spec is None else spec[row].tolist()))
             row += 1
-        if any(r is not None for r in refined):
-            self._probs[j] = self._merge(refined)
+        if all(r is None for r in refined):
+            return None
+        self._probs[j] = self._merge(refined)
+        return self._plan(j, time.perf_counter() * 1e3 + self._layer_ms)
+
+    def _plan(self, j: int, start_ms: float) -> list[ExpertKey]:
+        """The planner's fetch list with MoE layer j (index) next to run, starting at `start_ms`."""
         probs = self._probs.copy()
         if self._recent is not None:
             w = self.config.next_token_model_weight
@@ -205,15 +219,16 @@ class ExpertFlowPolicy(CachePolicy):
         resident = np.zeros(probs.shape, bool)
         for layer, e in self._resident - self._copying.keys():
             resident[self._index[layer], e] = True
-        # The copy stream serves issued copies in order: each lands a transfer after the one before.
-        in_flight, eta = [], now
+        # The copy stream serves issued copies in order: each lands a transfer after the one before it
+        # (or after its own issue, if the stream was idle then).
+        in_flight, landed = [], -np.inf
         for (layer, e), issued in sorted(self._copying.items(), key=lambda item: item[1]):
-            eta = max(eta, issued) + self._transfer_ms
-            in_flight.append(InFlight((self._index[layer], e), eta, started=True))
+            landed = max(landed, issued) + self._transfer_ms
+            in_flight.append(InFlight((self._index[layer], e), max(landed, now), started=True))
         inp = PlanInput(
             probs=probs,
             layer=j,
-            next_start_ms=now,
+            next_start_ms=max(start_ms, now),
             now_ms=now,
             layer_ms=(self._layer_ms,) * len(self.moe_layers),
             transfer_ms=self._transfer_ms,
@@ -227,7 +242,7 @@ class ExpertFlowPolicy(CachePolicy):
         planned = plan(inp, self.config.plan)
         self.plans += 1
         keys = [(self.moe_layers[t.key[0]], t.key[1]) for t in planned.fetch]
-        soon = [(next_layer, int(e)) for e in np.flatnonzero(probs[j] > self.config.plan.threshold)]
+        soon = [(self.moe_layers[j], int(e)) for e in np.flatnonzero(probs[j] > self.config.plan.threshold)]
         self._window = frozenset(keys) | frozenset(soon)
         return keys
 

@@ -124,6 +124,7 @@ class LearnedSession(PredictorSession):
 
     def observe_token(self, token_id: int) -> None:
         self.tokens.append(int(token_id))
+        self._encoded = None  # refine() needs this token's predict() first
         self.routes.append(np.zeros(self.model.cfg.moe_layers * self.model.cfg.n_experts, np.float32))
 
     def observe_route(self, layer_index: int, experts: list[int]) -> None:

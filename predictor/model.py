@@ -148,6 +148,8 @@ class RouteTransformer(nn.Module):
         b, t = tokens.shape
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
+        if kv is not None and mask is not None:
+            raise ValueError("encode: a key/value cache runs causal windows only, without a mask")
         rows = self.rows(tokens)
         x = self.drop(self.tok(rows) + self.pos(positions) + self.route_in(prev_routes))
         for i, block in enumerate(self.blocks):

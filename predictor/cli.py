@@ -79,6 +79,16 @@ def _train(args: argparse.Namespace) -> dict:
     from predictor.model import save_model
     from predictor.train import TrainConfig, model_config_for, train
 
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device}: not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device on this machine (use --device cpu)")
+    if not 0.0 <= args.holdout < 1.0:
+        raise ValueError(f"--holdout {args.holdout}: a share of the sequences, 0 <= share < 1")
     trace = load_traces(args.traces, args.domains)
     model_cfg = model_config_for(
         trace,

@@ -272,6 +272,10 @@ def test_cli_import_train_eval(tmp_path, capsys):
     gate = result["results"][4]
     assert gate["supported"] is False and "hidden states" in gate["reason"]
     assert main(["eval-predictor", "--predictor", str(out), "--traces", str(tmp_path / "x.safetensors")]) != 0
+    capsys.readouterr()
+    for bad in (["--device", "tpu"], ["--holdout", "1.5"]):
+        assert main(["train-predictor", *args, *bad]) == 2
+        assert "error: --" in capsys.readouterr().err
 
 
 def test_multi_hot_drops_sentinels():

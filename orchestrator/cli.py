@@ -30,6 +30,7 @@ from predictor.baselines import (
     layer_frequency,
 )
 from predictor.learned import LearnedPredictor
+from predictor.online import OnlineConfig
 from traces.format import Trace, concat, load_trace
 
 # What expertflow may plan with; "true-routes" is the bound with a perfect token-horizon prediction.
@@ -60,6 +61,10 @@ def add_subcommands(subparsers) -> None:
         default="learned",
         help="what expertflow plans with (activation/frequency: a peer's predictor; true-routes: the bound)",
     )
+    p.add_argument("--domains", nargs="+", help="replay only these domains of each trace")
+    p.add_argument(
+        "--online-correction", action="store_true", help="blend the learned predictor with each request's own routes"
+    )
     p.add_argument("--max-sequences", type=int, help="replay only the first N sequences of each trace")
     p.add_argument("--empty-per-sequence", action="store_true", help="empty the cache when a sequence starts")
     p.add_argument("--plot", type=Path, help="write bytes and stall per token across budgets as a PNG")
@@ -89,7 +94,7 @@ def _inputs(args: argparse.Namespace, train: Trace | None) -> PolicyInputs:
         values["speculation"] = GateSpeculationPredictor(train)
         values["activation"] = ActivationMatrixPredictor(train)
     if args.expertflow_predictor == "learned":
-        learned, why = _learned(args.predictor)
+        learned, why = _learned(args.predictor, args.online_correction)
     elif args.expertflow_predictor == "activation":
         learned, why = values.get("activation"), dict(missing).get("activation")
     elif args.expertflow_predictor == "true-routes":
@@ -105,11 +110,11 @@ def _inputs(args: argparse.Namespace, train: Trace | None) -> PolicyInputs:
     return PolicyInputs(**values, learned=learned, learned_layer=refiner, unavailable=tuple(missing))
 
 
-def _learned(directory: Path | None):
+def _learned(directory: Path | None, online: bool = False):
     if directory is None:
         return None, "no learned predictor given (--predictor DIR)"
     try:
-        return LearnedPredictor.load(directory), None
+        return LearnedPredictor.load(directory, OnlineConfig() if online else None), None
     except Exception as e:  # a bad checkpoint must not stop the baselines from running
         return None, f"learned predictor could not be loaded from {directory}: {e}"
 
@@ -130,6 +135,8 @@ def _simulate(args: argparse.Namespace) -> int:
     results = []
     for path in args.traces:
         trace = load_trace(path)
+        if args.domains:
+            trace = trace.of_domains(args.domains)
         if args.max_sequences:
             trace = trace.select(list(range(min(args.max_sequences, trace.n_sequences))))
         inputs = _inputs(args, train.get(_shape(trace)))

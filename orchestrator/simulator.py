@@ -280,6 +280,12 @@ class _Replay:
             self._evict(key)
 
 
+def _predictor_label(policy: SimPolicy) -> str:
+    """What a predictive policy plans with, as tables name it (e.g. "learned+online")."""
+    predictor = getattr(policy, "predictor", None)
+    return getattr(predictor, "label", None) or getattr(predictor, "name", "")
+
+
 def simulate(trace: Trace, policy: SimPolicy, config: SimConfig, label: str = "") -> SimResult:
     """Replay `trace` through `policy` (a fresh instance: policies keep state)."""
     head = dict(
@@ -290,7 +296,7 @@ def simulate(trace: Trace, policy: SimPolicy, config: SimConfig, label: str = ""
         expert_bytes=config.expert_bytes,
         bandwidth=config.bandwidth,
         layer_ms=config.layer_ms,
-        predictor=getattr(getattr(policy, "predictor", None), "name", ""),
+        predictor=_predictor_label(policy),
     )
     reason = policy.supports(trace)
     if reason is not None:

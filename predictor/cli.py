@@ -18,7 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from traces.format import Trace, concat, load_trace
 
@@ -66,13 +65,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 def load_traces(paths: list[Path], domains: list[str] | None = None) -> Trace:
     """The traces concatenated, restricted to `domains` if given."""
     trace = concat([load_trace(p) for p in paths])
-    if not domains:
-        return trace
-    unknown = sorted(set(domains) - set(trace.info.domains))
-    if unknown:
-        raise ValueError(f"domains {unknown} not in the traces (they hold {list(trace.info.domains)})")
-    wanted = [trace.info.domains.index(d) for d in domains]
-    return trace.select(np.flatnonzero(np.isin(trace.seq_domain, wanted)))
+    return trace.of_domains(domains) if domains else trace
 
 
 def _train(args: argparse.Namespace) -> dict:

@@ -68,6 +68,10 @@ def test_format_round_trip_select_and_concat(tmp_path):
     both = concat([a, b])
     assert both.info.domains == ("x", "y") and both.n_sequences == 6
     assert list(both.seq_domain[4:]) == [1, 1]
+    only_y = both.of_domains(["y"])
+    assert only_y.n_sequences == 4 and set(only_y.seq_domain.tolist()) == {1}
+    with pytest.raises(ValueError, match="not in the trace"):
+        both.of_domains(["z"])
     from dataclasses import replace
 
     a2, b2 = (replace(t, info=replace(t.info, extra={"vocab_size": 99, "split": n})) for t, n in ((a, "p"), (b, "q")))

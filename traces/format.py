@@ -79,6 +79,14 @@ class Trace:
     def sequence(self, s: int) -> slice:
         return slice(int(self.seq_offsets[s]), int(self.seq_offsets[s + 1]))
 
+    def of_domains(self, domains: list[str] | tuple[str, ...]) -> Trace:
+        """Only the sequences of these domains (in trace order); unknown domain names are an error."""
+        unknown = sorted(set(domains) - set(self.info.domains))
+        if unknown:
+            raise ValueError(f"domains {unknown} not in the trace (it holds {list(self.info.domains)})")
+        wanted = [self.info.domains.index(d) for d in domains]
+        return self.select(np.flatnonzero(np.isin(self.seq_domain, wanted)))
+
     def select(self, seqs: np.ndarray | list[int]) -> Trace:
         """A trace of only the given sequences, in that order."""
         seqs = np.asarray(seqs, dtype=np.int64)

@@ -26,7 +26,7 @@ Not for: moving bytes (expert_store) or replaying traces (simulator.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,7 +54,7 @@ class _RouteCollector:
     """Receives one forward pass's routing from the model (the RouteRecorder protocol), and gate
     speculation for the next MoE layer while `live` (decode steps) if a speculation function is bound."""
 
-    def __init__(self, on_layer) -> None:
+    def __init__(self, on_layer: Callable[[int, np.ndarray], None]) -> None:
         self.ids: dict[int, np.ndarray] = {}
         self.spec: dict[int, torch.Tensor] = {}  # MoE layer -> speculated ids [N, K] of this step (on device)
         self.speculate = None
@@ -111,7 +111,7 @@ class ExpertFlowPolicy(CachePolicy):
     def route_observer(self) -> _RouteCollector:
         return self._collector
 
-    def bind_speculation(self, speculate) -> None:
+    def bind_speculation(self, speculate: Callable[[int, torch.Tensor], tuple[int, torch.Tensor] | None]) -> None:
         if self.config.speculation:
             self._collector.speculate = speculate
 

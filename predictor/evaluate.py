@@ -46,7 +46,7 @@ class _Counts:
             getattr(self, name).__iadd__(getattr(other, name))
 
 
-def _top_hits(probs: np.ndarray, actual: np.ndarray, m: int) -> np.ndarray:
+def top_hits(probs: np.ndarray, actual: np.ndarray, m: int) -> np.ndarray:
     """[L] summed over tokens: how many actual experts are among the m most probable."""
     top = np.argpartition(-probs, m - 1, axis=-1)[..., :m]  # [T, L, m]
     return (actual[..., :, None] == top[..., None, :]).any(-1).sum(-1).sum(0)
@@ -59,8 +59,8 @@ def score(probs: np.ndarray, experts: np.ndarray, n_experts: int) -> _Counts:
         raise ValueError(f"predictions have shape {probs.shape}, expected {(t, n_layers, n_experts)}")
     actual = experts.astype(np.int64)
     out = _Counts(n_layers, tokens=t)
-    out.hits_k = _top_hits(probs, actual, k).astype(np.float64)
-    out.hits_2k = _top_hits(probs, actual, min(2 * k, n_experts)).astype(np.float64)
+    out.hits_k = top_hits(probs, actual, k).astype(np.float64)
+    out.hits_2k = top_hits(probs, actual, min(2 * k, n_experts)).astype(np.float64)
     y = np.zeros(probs.shape, np.float64)
     np.put_along_axis(y, actual, 1.0, axis=-1)
     p = np.clip(probs.astype(np.float64), 0.0, 1.0)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from predictor.baselines import multi_hot, ranked_hot
+from predictor.evaluate import top_hits
 from predictor.learned import sequence_probs
 from predictor.model import RouteModelConfig, RouteTransformer
 from traces.format import Trace
@@ -220,8 +221,7 @@ def holdout_recall(model: RouteTransformer, trace: Trace, seqs: np.ndarray) -> f
         spec = None if trace.spec_experts is None else trace.spec_experts[sl]
         for layer_horizon in (False, True) if model.layer_head is not None else (False,):
             probs = sequence_probs(model, trace.tokens[sl].astype(np.int64), experts, spec, layer_horizon)
-            top = np.argpartition(-probs, k - 1, axis=-1)[..., :k]
-            hits += int((experts[..., :, None] == top[..., None, :]).any(-1).sum())
+            hits += int(top_hits(probs, experts, k).sum())
             total += experts.size
     return hits / max(total, 1)
 
@@ -256,8 +256,8 @@ def calibrate_spec_gain(model: RouteTransformer, trace: Trace, seqs: np.ndarray)
         scores = {}
         for g in grid:
             for q in grid:
-                top = np.argpartition(-(r[:, j] + g * (h[:, j] > 0) + q * h[:, j]), k - 1, axis=-1)[:, :k]
-                scores[float(g), float(q)] = (a[:, j, :, None] == top[:, None, :]).any(-1).mean()
+                boosted = r[:, j : j + 1] + g * (h[:, j : j + 1] > 0) + q * h[:, j : j + 1]  # [N, 1, E]
+                scores[float(g), float(q)] = top_hits(boosted, a[:, j : j + 1], k)[0] / a[:, j].size
         # Within one standard error of the best, lean on speculation (the larger gains): it is the
         # signal that carries over to new text, the rest of the head is fitted on the training tokens.
         best = max(scores.values())

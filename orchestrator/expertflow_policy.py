@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from orchestrator.planner import Key, Plan, PlanConfig, PlanInput, next_use_ms, plan
+from orchestrator.planner import Key, Plan, PlanConfig, PlanInput, due_probabilities, next_use_ms, plan
 from orchestrator.policies import SimPolicy
 from predictor.base import RoutePredictor
 from traces.format import Trace
@@ -91,9 +91,7 @@ class ExpertFlow(SimPolicy):
 
     def _plan(self, layer: int, next_start_ms: float) -> Plan:
         v = self.view
-        probs = self.current.copy()
-        w = self.config.next_token_model_weight
-        probs[:layer] = w * self.current[:layer] + (1.0 - w) * self.recent[:layer]  # due with the next token
+        probs = due_probabilities(self.current, self.recent, layer, self.config.next_token_model_weight)
         inp = PlanInput(
             probs=probs,
             layer=layer,

@@ -35,7 +35,7 @@ import torch
 from expert_store.layout import ExpertKey
 from expert_store.policies import CachePolicy, LruPolicy
 from expert_store.stats import CacheStats
-from orchestrator.planner import InFlight, PlanConfig, PlanInput, next_use_ms, plan
+from orchestrator.planner import InFlight, PlanConfig, PlanInput, due_probabilities, next_use_ms, plan
 from predictor.base import PredictorSession, RoutePredictor
 
 
@@ -211,10 +211,7 @@ class ExpertFlowPolicy(CachePolicy):
 
     def _plan(self, j: int, start_ms: float) -> list[ExpertKey]:
         """The planner's fetch list with MoE layer j (index) next to run, starting at `start_ms`."""
-        probs = self._probs.copy()
-        if self._recent is not None:
-            w = self.config.next_token_model_weight
-            probs[:j] = w * probs[:j] + (1.0 - w) * self._recent[:j]  # due with the next token
+        probs = due_probabilities(self._probs, self._recent, j, self.config.next_token_model_weight)
         now = time.perf_counter() * 1e3
         resident = np.zeros(probs.shape, bool)
         for layer, e in self._resident - self._copying.keys():

@@ -100,6 +100,16 @@ class Plan:
     evict: tuple[Key, ...] = ()  # resident keys to free, one per fetch that found no free slot
 
 
+def due_probabilities(current: np.ndarray, recent: np.ndarray | None, layer: int, weight: float) -> np.ndarray:
+    """`PlanInput.probs` from this token's [L, E] prediction: layers >= `layer` are still due with this token;
+    those before come back with the next, whose use is guessed as weight x this token's prediction +
+    (1 - weight) x the request's recent routing (`recent`; None: this token's prediction alone)."""
+    probs = current.copy()
+    if recent is not None:
+        probs[:layer] = weight * current[:layer] + (1.0 - weight) * recent[:layer]
+    return probs
+
+
 def layer_starts(layer: int, next_start_ms: float, layer_ms: Sequence[float]) -> np.ndarray:
     """[L] when each MoE layer next starts, given that layer `layer` starts at `next_start_ms`."""
     ms = np.asarray(layer_ms, np.float64)

@@ -39,6 +39,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--loss", choices=("bce", "softmax"), default="bce")
     tr.add_argument("--no-token-table", action="store_true", help="no per-token logit table (see model.py)")
     tr.add_argument("--layer-dim", type=int, default=128, help="width of the layer-horizon head (0: none)")
+    tr.add_argument(
+        "--no-cross-layers", action="store_true", help="no per layer-pair route transitions in the layer head"
+    )
     tr.add_argument("--lr", type=float, default=2e-3)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -93,6 +96,7 @@ def _train(args: argparse.Namespace) -> dict:
         loss=args.loss,
         token_table=not args.no_token_table,
         layer_dim=args.layer_dim,
+        cross_layers=not args.no_cross_layers,
     )
     train_cfg = TrainConfig(
         seconds=args.seconds, max_steps=args.max_steps, rows=args.rows, lr=args.lr, seed=args.seed, holdout=args.holdout

@@ -9,7 +9,8 @@ when token t enters the model (the "token horizon").
 
 The layer head refines layer j's logits once token t has run MoE layers < j (the "layer horizon", what
 next-layer gate speculation sees): it adds, per layer, a small MLP over the transformer's state, the
-token's own routes at layers < j (the last one also on its own), and, where the server computes it,
+token's own routes at layers < j (the last one also on its own), a linear map from each earlier layer's
+routes (one E x E map per pair of layers i < j), and, where the server computes it,
 gate speculation's top-k for layer j, best first (layer j's router on layer j-1's hidden state; given as
 (K - rank) / K per listed expert, zeros when absent).
 All L refinements come out of the same pass as the token-horizon logits.
@@ -52,6 +53,7 @@ class RouteModelConfig:
     loss: str = "bce"  # "bce": independent sigmoid per expert; "softmax": per-layer softmax scaled to top_k
     token_table: bool = True  # a per-token [L, E] logit table added to the output (see RouteTransformer)
     layer_dim: int = 128  # H: width of the layer-horizon head; 0 = no layer head
+    cross_layers: bool = True  # the layer head's per layer-pair route transitions (L x L x E x E weights)
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -204,6 +206,17 @@ class LayerHead(nn.Module):
         self.mlp = nn.Sequential(nn.GELU(), nn.Linear(h, 2 * h), nn.GELU(), nn.Linear(2 * h, e))
         nn.init.zeros_(self.mlp[-1].weight)  # start as the token-horizon prediction
         nn.init.zeros_(self.mlp[-1].bias)
+        # cross[j, i, e, f]: how expert e at layer i < j moves layer j's expert f, straight to the logits. The
+        # summed embeddings above share one code per source layer across all later layers; on DeepSeek-V2-Lite
+        # that head added 0.03 recall over the token horizon, while a linear map per layer pair alone reaches
+        # 0.66 from the earlier routes. Entries with i >= j are masked.
+        if cfg.cross_layers:
+            self.cross = nn.Parameter(torch.zeros(n_layers, n_layers, e, e))
+            self.register_buffer(
+                "before_mask", torch.tril(torch.ones(n_layers, n_layers), -1)[..., None, None], persistent=False
+            )
+        else:
+            self.cross = None
 
     def forward(
         self, state: torch.Tensor, logits: torch.Tensor, routes: torch.Tensor, spec: torch.Tensor | None
@@ -214,6 +227,8 @@ class LayerHead(nn.Module):
         last = torch.cat([torch.zeros_like(routes[..., :1, :]), routes[..., :-1, :]], -2)
         u = self.down(state).unsqueeze(-2) + self.layer + before + self.last(last)
         u = u + self.base(torch.sigmoid(logits.detach()))
+        if self.cross is not None:
+            logits = logits + torch.einsum("...ie,jief->...jf", routes, self.cross * self.before_mask)
         if spec is None:
             return logits + self.mlp(u)
         boost = self.spec_gain[:, None] * (spec > 0) + self.rank_gain[:, None] * spec
@@ -225,12 +240,15 @@ class LayerHead(nn.Module):
         """forward(...)[..., j, :] for one token at a time (state [D], logits and routes [L, E], spec [E]),
         computing layer j only: what a live session needs as each layer is about to route."""
         u = self.down(state) + self.layer[j] + self.base(torch.sigmoid(logits[j]))
+        out = logits[j]
         if j > 0:
             u = u + torch.einsum("ie,ieh->h", routes[:j], self.earlier[:j]) + self.last(routes[j - 1])
+            if self.cross is not None:
+                out = out + torch.einsum("ie,ief->f", routes[:j], self.cross[j, :j])
         if spec is None:
-            return logits[j] + self.mlp(u)
+            return out + self.mlp(u)
         boost = self.spec_gain[j] * (spec > 0) + self.rank_gain[j] * spec
-        return logits[j] + self.mlp(u + self.spec(spec)) + boost
+        return out + self.mlp(u + self.spec(spec)) + boost
 
 
 def save_model(model: RouteTransformer, directory: str | Path, meta: dict | None = None) -> None:
@@ -251,6 +269,7 @@ def load_model(directory: str | Path) -> RouteTransformer:
         raise FileNotFoundError(f"{directory}: no config.json (not a saved route predictor)")
     fields = json.loads(config_path.read_text())
     fields.setdefault("layer_dim", 0)  # saved before the layer head existed
+    fields.setdefault("cross_layers", False)  # saved before the layer-pair transitions existed
     model = RouteTransformer(RouteModelConfig(**fields))
     model.load_state_dict(load_file(str(directory / "model.safetensors")))
     return model.eval()

@@ -19,7 +19,7 @@ from predictor.baselines import (
 )
 from predictor.evaluate import evaluate, format_comparison
 from predictor.learned import LearnedPredictor, window_start
-from predictor.model import RouteModelConfig, load_model, save_model
+from predictor.model import RouteModelConfig, RouteTransformer, load_model, save_model
 from predictor.online import OnlineConfig, OnlineCorrector
 from predictor.train import TrainConfig, model_config_for, train
 from traces.format import Trace, TraceInfo, load_trace
@@ -215,6 +215,29 @@ def test_save_load_round_trip_predicts_identically(rule_model, tmp_path):
     assert back.cfg == model.cfg and isinstance(back.cfg, RouteModelConfig)
     test = _rule_trace(2, 3, 30)
     assert np.array_equal(LearnedPredictor(model).predict(test, 1), LearnedPredictor(back).predict(test, 1))
+
+
+def test_checkpoints_from_before_the_layer_pair_maps_still_load(tmp_path):
+    cfg = RouteModelConfig(
+        moe_layers=3,
+        n_experts=8,
+        top_k=2,
+        vocab_size=16,
+        d_model=16,
+        n_heads=2,
+        context=8,
+        layer_dim=8,
+        cross_layers=False,
+    )
+    save_model(RouteTransformer(cfg), tmp_path / "old")
+    fields = json.loads((tmp_path / "old" / "config.json").read_text())
+    del fields["cross_layers"]  # as written before the field existed
+    (tmp_path / "old" / "config.json").write_text(json.dumps(fields))
+    back = load_model(tmp_path / "old")
+    assert not back.cfg.cross_layers and back.layer_head.cross is None
+    assert "layer_head.cross" in dict(
+        RouteTransformer(RouteModelConfig(**{**fields, "layer_dim": 8})).named_parameters()
+    )
 
 
 @pytest.mark.parametrize("online", [None, OnlineConfig()])

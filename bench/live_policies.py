@@ -5,7 +5,11 @@ test text); every policy serves the same batch at each budget. Prints one JSON o
 (`--out` also writes it): tokens/s, hit rate, prefetch accuracy, stall, bytes moved,
 and whether every policy produced the same tokens.
 
-    python bench/live_policies.py --predictor DIR --traces traces/data/coarse_test.safetensors --device cuda
+    python -m bench.live_policies --predictor DIR --traces traces/data/coarse_test.safetensors --device cuda
+
+`--pad-expert-bytes N` serves a copy of the model whose experts are zero-padded to N bytes each
+(bench/padded_experts.py: same tokens and routing, copies as costly as a large model's), e.g. 352321536 for
+Mixtral-8x7B's 336 MiB experts.
 
 Policies: lru, ondemand, expertflow (learned predictor, online correction, layer head with the model's gate
 speculation), expertflow-nospec (the layer head without speculation), expertflow-raw (no online correction).
@@ -22,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.padded_experts import pad_checkpoint
 from expertflow.default_model import default_model_dir
 from expertflow.engine import Engine, SamplingParams
 from expertflow.loader import LoadOptions, load
@@ -67,6 +72,7 @@ def run(
         "policy": policy,
         "batch": size,
         "slots": loaded.cache.n_slots,
+        "expert_bytes": loaded.cache.layout.nbytes,
         "tokens_per_s": sum(r.tokens_per_s * r.decode_s for r in results) / decode_s if decode_s else 0.0,
         "decode_s": decode_s,
         "hit_rate": s.hit_rate,
@@ -94,9 +100,13 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--batch", type=int, default=0, help="requests per generate call (0: all at once)")
+    parser.add_argument("--pad-expert-bytes", type=int, default=0, help="serve a zero-padded copy (see above)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/expertflow-padded"), help="for the padded copy")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model = args.model or default_model_dir()
+    if args.pad_expert_bytes:
+        model = pad_checkpoint(model, args.workdir / f"{model.name}-{args.pad_expert_bytes}", args.pad_expert_bytes)
     prompts = prompts_from_trace(args.traces, args.per_domain, args.prompt_len)
     # The first run in a process pays for warming up (allocator, kernels, clocks): discard one.
     run(model, args.device, args.budgets.split(",")[0], "lru", args.predictor, prompts, 4)

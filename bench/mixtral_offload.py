@@ -6,7 +6,7 @@ in one run: measures the raw host-to-GPU copy limit (pinned, and registered shar
 memory), and runs the engine at each budget/policy on the same prompts. Prints one
 JSON object; `--out` also writes it to a file.
 
-    python bench/mixtral_offload.py --workdir /tmp/mixtral4 --out results.json
+    python -m bench.mixtral_offload --workdir /tmp/mixtral4 --out results.json
 
 Not for: CPU runs (it needs CUDA) or correctness (the tests are the oracle).
 """

@@ -1,0 +1,1 @@
+"""Benchmarks: GPU and live runs that print JSON results (bench/results/). Run as `python -m bench.NAME`."""

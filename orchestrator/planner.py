@@ -8,8 +8,10 @@ A pure function of one `PlanInput` (predictions, residency, the copy queue, meas
     admission     keys likelier than `threshold`, earliest deadline first (likeliest first within a
                   layer), each admitted only if one more transfer behind the queue still lands by its
                   deadline plus the allowed lateness, and if it is worth its link time: p x (stall a
-                  demand load would cost, less the lateness) > (1 - p) x transfer x link busy share,
-                  so a saturated link (transfers slower than layers) only takes likely keys
+                  demand load would cost, less the lateness) > (1 - p) x transfer x (link busy share
+                  + q), q the probability that the key it evicts is used at its next chance (it would
+                  have to come back), so a saturated link (transfers slower than layers) or a cache
+                  full of likely keys only takes likely keys
     cancellation  queued, not yet started transfers whose key fell to the threshold or below, or that can
                   no longer land in time; started copies cannot be recalled
     eviction      Belady with predictions: a key's expected next use is its deadline if used then (p),
@@ -175,21 +177,26 @@ def plan(inp: PlanInput, config: PlanConfig = PlanConfig()) -> Plan:
                 free += 1
             continue
         if new:
-            # Worth its link time? Used (p), it saves the demand load's stall less its own lateness;
-            # unused, it holds up the copies behind it as far as the link is busy anyway.
-            saved = inp.transfer_ms - max(0.0, eta - deadline)
-            if -neg_p * saved < (1.0 + neg_p) * inp.transfer_ms * inp.link_busy:
-                continue
-            if free > 0:
-                free -= 1
-            else:
+            out = None
+            if free <= 0:
                 if order is None:
                     order = _eviction_order(inp, use)
-                out = _pick_victim(order, key, deadline, use, starts, probs, config.threshold, margin)
-                if out is None:
+                at = _pick_victim(order, key, deadline, use, starts, probs, config.threshold, margin)
+                if at is None:
                     continue
-                evict.append(out)
-            fetch.append(Transfer(key, deadline, eta, -neg_p))
+                out = order[at]
+            # Worth its link time? Used (p), it saves the demand load's stall less its own lateness;
+            # unused, it holds up the copies behind it as far as the link is busy anyway, and the key it
+            # evicted must come back if that one is used at its next chance (q): one more transfer.
+            p, q = -neg_p, 0.0 if out is None else float(probs[out])
+            saved = inp.transfer_ms - max(0.0, eta - deadline)
+            if p * saved < (1.0 - p) * inp.transfer_ms * (inp.link_busy + q):
+                continue
+            if out is None:
+                free -= 1
+            else:
+                evict.append(order.pop(at))
+            fetch.append(Transfer(key, deadline, eta, p))
         clock = eta
     return Plan(tuple(fetch), tuple(cancel), tuple(evict))
 
@@ -210,11 +217,11 @@ def _pick_victim(
     probs: np.ndarray,
     threshold: float,
     margin: float,
-) -> Key | None:
-    """Take (and remove from `order`) the first resident key that may make room for `key`."""
+) -> int | None:
+    """Where in `order` the first resident key is that may make room for `key`, if any."""
     for i, r in enumerate(order):
         if use[r] <= use[key] + margin:
             return None  # sorted: every later candidate is used even sooner
         if probs[r] <= threshold or starts[r[0]] >= deadline:  # not needed before `key`
-            return order.pop(i)
+            return i
     return None

@@ -142,7 +142,7 @@ class LearnedSession(PredictorSession):
         w = window_start(t, self.model.cfg.context)
         device = self.model.token_map.device
         zero = np.zeros_like(self.routes[0])
-        with torch.no_grad():
+        with torch.inference_mode():
             if self._kv is not None and self._kv_window == (w, t - 1):
                 # One new position: the window's earlier positions are cached (their inputs never change,
                 # since position i reads the routes of token i-1, complete before i was predicted).
@@ -175,6 +175,6 @@ class LearnedSession(PredictorSession):
         hot = None
         if spec is not None:
             hot = torch.from_numpy(ranked_hot(np.asarray(spec, np.int64)[None], cfg.n_experts)[0]).to(device)
-        with torch.no_grad():
+        with torch.inference_mode():
             refined = head.one_layer(layer_index, state, logits, routes, hot)
         return self.model.probabilities(refined).float().cpu().numpy()

@@ -91,8 +91,8 @@ class ExpertCache:
         self.prefetch(self.policy.prefetch(layer), self.policy.protected())
 
     def after_route(self, layer: int, experts: Sequence[int]) -> None:
-        """`layer` has routed to `experts`, whose compute is queued: the policy may replan (e.g. the next layer,
-        now refined) while they run; its prefetches never evict them."""
+        """`layer` has routed to `experts`: the policy may replan (e.g. the next layer, now refined) before
+        they run; its prefetches never evict them."""
         self._pump()
         keys = self.policy.after_route(layer)
         if keys is not None:

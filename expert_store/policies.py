@@ -64,7 +64,7 @@ class CachePolicy(ABC):
         return []
 
     def after_route(self, layer: int) -> list[ExpertKey] | None:
-        """`layer` has routed and its experts are queued to run: a new prefetch queue, as for `prefetch`,
+        """`layer` has routed (its experts are about to run): a new prefetch queue, as for `prefetch`,
         or None to keep the current one."""
         return None
 

@@ -93,15 +93,13 @@ class MoEBlock(nn.Module):
         experts_list, counts_list = experts.tolist(), counts.tolist()
         rows_of = dict(zip(experts_list, order.split(counts_list)))
         policy.observe_route(self.layer, experts_list)
+        self.cache.after_route(self.layer, experts_list)  # next-layer copies overlap this layer's experts
         rows_out = x.new_empty(n * k, d)
         for e, gate_up, down in self.cache.acquire(self.layer, experts_list):
             rows = rows_of[e]
             xe = x[rows // k]  # n D
             g, u = (xe @ gate_up.t()).chunk(2, dim=-1)  # n F each
             rows_out[rows] = (self.act(g) * u) @ down.t()
-        # The policy replans for the next layer once this layer's experts are queued on the device, so its
-        # host-side work (refining, planning) overlaps their compute instead of leaving the device idle.
-        self.cache.after_route(self.layer, experts_list)
         y = (rows_out.view(n, k, d).float() * weights[..., None]).sum(1).to(x.dtype)
         if self.spec.shared_ffn:
             shared = self.shared(x)

@@ -56,7 +56,7 @@ class _RouteCollector:
 
     def __init__(self, on_layer: Callable[[int, np.ndarray], None]) -> None:
         self.ids: dict[int, np.ndarray] = {}
-        self.spec: dict[int, torch.Tensor | np.ndarray] = {}  # MoE layer -> speculated ids [N, K] of this step
+        self.spec: dict[int, torch.Tensor] = {}  # MoE layer -> speculated ids [N, K] of this step (on device)
         self.speculate = None
         self.live = False
         self._on_layer = on_layer
@@ -65,16 +65,11 @@ class _RouteCollector:
         if self.live and self.speculate is not None:
             speculated = self.speculate(layer, h)
             if speculated is not None:
-                self.spec[speculated[0]] = speculated[1]  # on the device: no sync here
+                self.spec[speculated[0]] = speculated[1]  # read on the host only when used: no sync here
 
     def on_route(self, layer: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
-        # The MoE block reads these ids on the host right after this call anyway. Speculation was computed
-        # before them, so it comes to the host now at no extra wait; read later, behind this layer's experts
-        # in the stream, it would hold the host until they have run.
+        # The MoE block reads these ids on the host right after this call anyway.
         self.ids[layer] = ids.cpu().numpy()
-        for nxt, spec in self.spec.items():
-            if isinstance(spec, torch.Tensor):
-                self.spec[nxt] = spec.cpu().numpy()
         self._on_layer(layer, self.ids[layer])
 
     def take(self) -> dict[int, np.ndarray]:
@@ -99,9 +94,8 @@ class ExpertFlowPolicy(CachePolicy):
         self._recent: np.ndarray | None = None  # [L, E] decayed routing of the live requests
         self._use: np.ndarray | None = None  # [L, E] expected next use (ms) from the last plan
         self._window: frozenset[ExpertKey] = frozenset()
-        self._replanned: tuple[int, list[ExpertKey]] | None = (
-            None  # (MoE layer, keys) planned when the one before routed
-        )
+        # (MoE layer, keys) of the plan made when the layer before it routed
+        self._replanned: tuple[int, list[ExpertKey]] | None = None
         self._resident: set[ExpertKey] = set()  # in a slot, landed or still copying
         self._copying: dict[ExpertKey, float] = {}  # issued copies not known to have landed -> issue time (ms)
         self._n_slots = 0
@@ -197,22 +191,20 @@ class ExpertFlowPolicy(CachePolicy):
         if self._probs is None or next_layer not in self._index:
             return []
         if self._replanned is not None and self._replanned[0] == next_layer:
-            # The plan made when the layer before routed already had this layer next and knew all there is
-            # now (only the clock moved): planning again costs host time and changes nothing (the simulator
-            # does not replan here either).
+            # The plan made when the layer before routed already had this layer next, with everything known
+            # now but the copies landed since (the cache's queue absorbs those): planning again would cost
+            # host time on the critical path for no new information. The simulator does not replan here either.
             return self._replanned[1]
         return self._plan(self._index[next_layer], time.perf_counter() * 1e3)
 
     def after_route(self, layer: int) -> list[ExpertKey] | None:
-        """Layer j routed and its experts are queued: refine layer j+1 with the routes of layers <= j and its
-        gate speculation (both known now, a layer before it runs) and replan, with layer j+1 due once layer
-        j has computed."""
+        """Layer j routed: refine layer j+1 with the routes of layers <= j and its gate speculation (both
+        known now, a layer before it runs) and replan, with layer j+1 due once layer j has computed."""
         if self._probs is None or layer not in self._index or self._index[layer] + 1 >= len(self.moe_layers):
             return None
         j = self._index[layer] + 1
-        spec = self._collector.spec.get(self.moe_layers[j])  # rows: live requests in order, as the routes
-        if isinstance(spec, torch.Tensor):  # not yet on the host (no routing was read since)
-            spec = spec.cpu().numpy()
+        spec = self._collector.spec.get(self.moe_layers[j])
+        spec = None if spec is None else spec.cpu().numpy()  # rows: live requests in order, as the routes
         refined, row = [], 0
         for session, p in zip(self._sessions, self._request_probs):
             if p is None:

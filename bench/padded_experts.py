@@ -31,29 +31,52 @@ def padded_width(hidden: int, width: int, expert_bytes: int, element_bytes: int)
     """FFN width whose three matrices take `expert_bytes` (rounded down), never below `width`."""
     target = expert_bytes // (3 * hidden * element_bytes)
     if target < width:
-        raise ValueError(f"--expert-bytes {expert_bytes}: below the model's own expert size")
+        raise ValueError(f"expert size {expert_bytes} bytes: below the model's own expert size")
     return target
 
 
+def _shards(model: Path) -> list[Path]:
+    """The checkpoint's weight files: those its index lists, else the lone model.safetensors."""
+    index = model / "model.safetensors.index.json"
+    if index.exists():
+        return [model / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (model / "model.safetensors").exists():
+        return [model / "model.safetensors"]
+    raise FileNotFoundError(f"{model}: neither model.safetensors.index.json nor model.safetensors")
+
+
+def _source_id(model: Path) -> dict:
+    """What the padded copy was made from: the source's path and its files' sizes and change times."""
+    files = [model / "config.json"] + _shards(model)
+    return {"source": str(model.resolve()), "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
+
+
 def pad_checkpoint(model: Path, out: Path, expert_bytes: int) -> Path:
-    """Write the padded copy to `out` (skipped if already there for this size) and return it."""
+    """Write the padded copy to `out` (skipped if already there for this source and size) and return it."""
     config = json.loads((model / "config.json").read_text())
     if config.get("model_type") != "mixtral":
         raise ValueError(f"{model}: model_type {config.get('model_type')!r}; padding handles Mixtral checkpoints")
+    if "quantization_config" in config:
+        raise ValueError(f"{model}: quantized weights (their scales would need padding too)")
+    if out.resolve() == model.resolve():
+        raise ValueError(f"{out}: the padded copy must go to another directory than its source")
     marker = out / "padded.json"
-    if marker.exists() and json.loads(marker.read_text()).get("expert_bytes") == expert_bytes:
+    wanted = {**_source_id(model), "expert_bytes": expert_bytes}
+    if marker.exists() and {k: v for k, v in json.loads(marker.read_text()).items() if k != "width"} == wanted:
         return out
-    files = sorted(model.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model}: no safetensors files")
+    files = _shards(model)
     out.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)  # written last: a copy cut short is never taken for a finished one
     for stale in out.glob("*.safetensors"):  # an earlier copy of another size
         stale.unlink()
     hidden, width = config["hidden_size"], config["intermediate_size"]
-    new_width, shards, current, size = None, [], {}, 0
+    new_width, shards, current, size, seen = None, [], {}, 0, set()
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
+                if name in seen:
+                    raise ValueError(f"{model}: tensor {name} appears in more than one file")
+                seen.add(name)
                 t = f.get_tensor(name)
                 if _EXPERT.search(name):
                     if new_width is None:
@@ -83,10 +106,11 @@ def pad_checkpoint(model: Path, out: Path, expert_bytes: int) -> Path:
     )
     config["intermediate_size"] = new_width
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
-        if (model / extra).exists():
-            shutil.copy(model / extra, out / extra)
-    marker.write_text(json.dumps({"source": str(model), "expert_bytes": expert_bytes, "width": new_width}))
+    weights = {f.name for f in files} | {"model.safetensors.index.json", "config.json", "padded.json"}
+    for extra in model.iterdir():  # tokenizer, generation config, chat template, ...
+        if extra.is_file() and extra.name not in weights and extra.suffix not in (".safetensors", ".bin", ".pt"):
+            shutil.copy(extra, out / extra.name)
+    marker.write_text(json.dumps({**wanted, "width": new_width}))
     return out
 
 

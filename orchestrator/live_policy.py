@@ -2,9 +2,10 @@
 
 Per request it keeps a predictor session fed with the request's tokens and the routes actually
 taken. When a decode step starts, every live request's next-token prediction [L, E] is merged into
-the probability that any request needs each (layer, expert). As each MoE layer is about to route, and
-again once it has routed, the policy hands the probabilities to `orchestrator.planner.plan`, the same code
-the simulator runs; once layer j has routed, layer j+1's row is first refined with the predictor's layer
+the probability that any request needs each (layer, expert). As the first MoE layer is about to route,
+and again once each layer has routed, the policy hands the probabilities to `orchestrator.planner.plan`,
+the same code the simulator runs (the next layer, about to route, reuses that plan); once layer j has
+routed, layer j+1's row is first refined with the predictor's layer
 head (the requests' routes at layers <= j and the model's next-layer gate speculation when the loader bound
 it), a layer before it runs, as in the simulator. The planner sets deadlines from measured per-layer
 times, orders transfers earliest deadline first, and drops those that cannot land in time or became unlikely. The plan's fetch list becomes the cache's prefetch queue (the cache
@@ -190,11 +191,13 @@ class ExpertFlowPolicy(CachePolicy):
     def prefetch(self, next_layer: int) -> list[ExpertKey]:
         if self._probs is None or next_layer not in self._index:
             return []
-        if self._replanned is not None and self._replanned[0] == next_layer:
-            # The plan made when the layer before routed already had this layer next, with everything known
-            # now but the copies landed since (the cache's queue absorbs those): planning again would cost
-            # host time on the critical path for no new information. The simulator does not replan here either.
-            return self._replanned[1]
+        replanned, self._replanned = self._replanned, None
+        if replanned is not None and replanned[0] == next_layer:
+            # The plan made when the layer before routed already had this layer next. Since then only copies
+            # landed and that layer's demand misses evicted (perhaps something this plan counted on): planning
+            # again would see those, but costs host time on the critical path, between the device's layers,
+            # for every layer. The simulator does not replan here either.
+            return replanned[1]
         return self._plan(self._index[next_layer], time.perf_counter() * 1e3)
 
     def after_route(self, layer: int) -> list[ExpertKey] | None:

@@ -188,7 +188,8 @@ def plan(inp: PlanInput, config: PlanConfig = PlanConfig()) -> Plan:
             # Worth its link time? Used (p), it saves the demand load's stall less its own lateness;
             # unused, it holds up the copies behind it as far as the link is busy anyway, and the key it
             # evicted must come back if that one is used at its next chance (q): one more transfer.
-            p, q = -neg_p, 0.0 if out is None else float(probs[out])
+            p = -neg_p
+            q = 0.0 if out is None else float(probs[out])
             saved = inp.transfer_ms - max(0.0, eta - deadline)
             if p * saved < (1.0 - p) * inp.transfer_ms * (inp.link_busy + q):
                 continue

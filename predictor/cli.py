@@ -96,7 +96,7 @@ def _train(args: argparse.Namespace) -> dict:
         loss=args.loss,
         token_table=not args.no_token_table,
         layer_dim=args.layer_dim,
-        cross_layers=not args.no_cross_layers,
+        cross_layers=False if args.no_cross_layers else None,  # None: on where they fit (train.py)
     )
     train_cfg = TrainConfig(
         seconds=args.seconds, max_steps=args.max_steps, rows=args.rows, lr=args.lr, seed=args.seed, holdout=args.holdout

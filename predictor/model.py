@@ -187,7 +187,8 @@ class RouteTransformer(nn.Module):
 
 class LayerHead(nn.Module):
     """Layer j's logits given the token's routes at layers < j: logits_j + MLP(state, layer j, those
-    routes, speculation for j). Inputs for layer j never read routes of layers >= j (exclusive sums)."""
+    routes, speculation for j) + the layer-pair maps of those routes + speculation's boost. Inputs for layer j
+    never read routes of layers >= j (exclusive sums, a strictly lower-triangular mask)."""
 
     def __init__(self, cfg: RouteModelConfig) -> None:
         super().__init__()

@@ -48,11 +48,19 @@ class TrainConfig:
     spec_dropout: float = 0.25
 
 
+# Largest layer-pair map (L x L x E x E weights) a model gets unless asked: 16 M parameters, 64 MB in fp32. Within
+# it: Mixtral, OLMoE, Qwen-MoE, DeepSeek-V2-Lite (2.8 M); beyond it Qwen3-30B-A3B (38 M) or DeepSeek-V3 (220 M).
+CROSS_LAYERS_MAX = 1 << 24
+
+
 def model_config_for(trace: Trace, max_vocab: int = 65536, **overrides) -> RouteModelConfig:
-    """A model shaped for `trace`'s routing; the token table covers its ids (hashed beyond max_vocab)."""
+    """A model shaped for `trace`'s routing; the token table covers its ids (hashed beyond max_vocab). Without a
+    `cross_layers` choice (or with None) the layer-pair maps are on if they fit `CROSS_LAYERS_MAX`."""
     top_id = int(trace.tokens.max()) + 1
     vocab = max(top_id, int(trace.info.extra.get("vocab_size") or 0))
     shape = {"moe_layers": len(trace.info.moe_layers), "n_experts": trace.info.n_experts, "top_k": trace.info.top_k}
+    if overrides.get("cross_layers") is None:
+        overrides["cross_layers"] = (shape["moe_layers"] * shape["n_experts"]) ** 2 <= CROSS_LAYERS_MAX
     return RouteModelConfig(**shape, vocab_size=min(vocab, max_vocab), hash_tokens=vocab > max_vocab, **overrides)
 
 

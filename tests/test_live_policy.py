@@ -108,10 +108,13 @@ def test_learned_predictor_with_layer_head_drives_the_live_planner(tiny_models):
         def session(self):
             return WatchedSession(self.model)
 
-    loaded = load(
-        directory,
-        LoadOptions(expert_budget="25%", policy_factory=lambda spec: ExpertFlowPolicy(Watched(model), spec.moe_layers)),
-    )
+    made = []
+
+    def factory(spec):
+        made.append(ExpertFlowPolicy(Watched(model), spec.moe_layers))
+        return made[-1]
+
+    loaded = load(directory, LoadOptions(expert_budget="25%", policy_factory=factory))
     result = Engine(loaded).generate(prompts[:2], params)
     loaded.close()
     assert [o.token_ids for o in result.outputs] == [o.token_ids for o in expected.outputs]
@@ -120,3 +123,5 @@ def test_learned_predictor_with_layer_head_drives_the_live_planner(tiny_models):
     # each layer after the first is refined once the layer before it has routed, with the model's gate speculation
     assert {j for j, _ in refined} == set(range(1, len(trace.info.moe_layers)))
     assert all(spec is not None and len(spec) == trace.info.top_k for _, spec in refined)
+    # one plan per layer and decode step: the plan made when a layer routes serves the next layer's routing too
+    assert 0 < made[-1].plans <= len(trace.info.moe_layers) * params.max_new_tokens

@@ -151,6 +151,21 @@ def test_planner_never_evicts_a_key_needed_before_the_fetched_one():
     assert out.evict == ((2, 0),)
 
 
+def test_planner_weighs_the_evicted_keys_chance_of_coming_back():
+    # One slot, held by (0, 0), due again with the next token (q); (1, 0) is due this token with p = 0.4 on a
+    # half-busy link. Fetching it risks (1 - p) x transfer x (busy + q): worth it while the victim is unlikely
+    # to come back (q = 0.05), not when it is (q = 0.3), though in both cases its expected use is the later one.
+    resident = np.zeros((2, 2), bool)
+    resident[0, 0] = True
+    for q, fetched in ((0.05, True), (0.3, False)):
+        p = np.zeros((2, 2))
+        p[0, 0], p[1, 0] = q, 0.4
+        inp = plan_input(p, resident, n_slots=1, layer=1, next_start_ms=1.0, link_busy=0.5)
+        out = plan(inp, PlanConfig(threshold=0.2, swap_margin_tokens=0.0))
+        assert ([t.key for t in out.fetch] == [(1, 0)]) is fetched, q
+        assert (out.evict == ((0, 0),)) is fetched, q
+
+
 # -- simulator ---------------------------------------------------------------------------------------
 
 # One layer, 4 experts, top-1, 2 slots (budget 0.5), the cyclic pattern 0 1 2 repeated 3 times.

@@ -38,8 +38,21 @@ def test_padded_experts_change_size_not_outputs(mixtral_dir, tmp_path):
     assert nbytes >= 3 * hidden * (3 * width) * element
 
 
-def test_padding_refuses_a_smaller_size_and_other_families(mixtral_dir, tiny_models, tmp_path):
+def test_padding_refuses_a_smaller_size_other_families_and_its_own_source(mixtral_dir, tiny_models, tmp_path):
     with pytest.raises(ValueError, match="below the model's own expert size"):
         pad_checkpoint(mixtral_dir, tmp_path / "small", 16)
     with pytest.raises(ValueError, match="Mixtral checkpoints"):
         pad_checkpoint(tiny_models["qwen3_moe"][0], tmp_path / "qwen", 1 << 20)
+    with pytest.raises(ValueError, match="another directory"):
+        pad_checkpoint(mixtral_dir, mixtral_dir, 1 << 20)
+
+
+def test_a_padded_copy_is_reused_only_for_the_same_source_and_size(mixtral_dir, tmp_path):
+    cfg = json.loads((mixtral_dir / "config.json").read_text())
+    size = 3 * cfg["hidden_size"] * (2 * cfg["intermediate_size"]) * 4
+    out = pad_checkpoint(mixtral_dir, tmp_path / "p", size)
+    first = (out / "padded.json").stat().st_mtime_ns
+    assert pad_checkpoint(mixtral_dir, tmp_path / "p", size) == out
+    assert (out / "padded.json").stat().st_mtime_ns == first  # reused, not rewritten
+    pad_checkpoint(mixtral_dir, tmp_path / "p", 2 * size)
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] >= 4 * cfg["intermediate_size"]

@@ -107,7 +107,7 @@ class ExpertFlow(SimPolicy):
             link_busy=v.link_busy,
         )
         self._use = next_use_ms(inp)
-        return plan(inp, self.config.plan)
+        return plan(inp, self.config.plan, self._use)
 
     def victim(self, protected: Set[Key]) -> Key | None:
         mask = self.view.arrived.copy()

@@ -249,7 +249,7 @@ class ExpertFlowPolicy(CachePolicy):
             link_busy=self._link_busy,
         )
         self._use = next_use_ms(inp)
-        planned = plan(inp, self.config.plan)
+        planned = plan(inp, self.config.plan, self._use)
         self.plans += 1
         keys = [(self.moe_layers[t.key[0]], t.key[1]) for t in planned.fetch]
         soon = [(self.moe_layers[j], int(e)) for e in np.flatnonzero(probs[j] > self.config.plan.threshold)]

@@ -130,16 +130,11 @@ def next_use_ms(inp: PlanInput) -> np.ndarray:
     return starts[:, None] + float(sum(inp.layer_ms)) * (1.0 - p) / q
 
 
-def victim(inp: PlanInput, candidates: Sequence[Key], use_ms: np.ndarray | None = None) -> Key:
-    """The candidate with the furthest expected next use (for misses, which must evict something)."""
-    use = next_use_ms(inp) if use_ms is None else use_ms
-    return max(candidates, key=lambda k: use[k])
-
-
-def plan(inp: PlanInput, config: PlanConfig = PlanConfig()) -> Plan:
+def plan(inp: PlanInput, config: PlanConfig = PlanConfig(), use_ms: np.ndarray | None = None) -> Plan:
+    """`use_ms`: `next_use_ms(inp)` if the caller already has it (it keeps it to pick victims for misses)."""
     probs = inp.probs
     starts = layer_starts(inp.layer, inp.next_start_ms, inp.layer_ms)
-    use = next_use_ms(inp)
+    use = next_use_ms(inp) if use_ms is None else use_ms
     lateness = inp.transfer_ms if config.max_lateness_ms is None else config.max_lateness_ms
     margin = config.swap_margin_tokens * float(sum(inp.layer_ms))
     free = inp.n_slots - int(inp.resident.sum()) - len(inp.in_flight)

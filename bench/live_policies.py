@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import emit
 from bench.padded_experts import pad_checkpoint
 from expertflow.default_model import default_model_dir
 from expertflow.engine import Engine, SamplingParams
@@ -126,10 +127,7 @@ def main() -> None:
         "outputs_identical_across_policies": identical,
         "runs": runs,
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from bench import emit
+
 
 def build_checkpoint(directory: Path, layers: int, vocab: int = 32000) -> None:
     import transformers as T
@@ -209,10 +211,7 @@ def main() -> None:
             if r["host_budget"] == "100%" and r["load_gbps"]
         ],
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,9 @@ def _shards(model: Path) -> list[Path]:
     raise FileNotFoundError(f"{model}: neither model.safetensors.index.json nor model.safetensors")
 
 
-def _source_id(model: Path) -> dict:
+def _source_id(model: Path, shards: list[Path]) -> dict:
     """What the padded copy was made from: the source's path and its files' sizes and change times."""
-    files = [model / "config.json"] + _shards(model)
+    files = [model / "config.json"] + shards
     return {"source": str(model.resolve()), "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
 
 
@@ -61,10 +61,10 @@ def pad_checkpoint(model: Path, out: Path, expert_bytes: int) -> Path:
     if out.resolve() == model.resolve():
         raise ValueError(f"{out}: the padded copy must go to another directory than its source")
     marker = out / "padded.json"
-    wanted = {**_source_id(model), "expert_bytes": expert_bytes}
+    files = _shards(model)
+    wanted = {**_source_id(model, files), "expert_bytes": expert_bytes}
     if marker.exists() and {k: v for k, v in json.loads(marker.read_text()).items() if k != "width"} == wanted:
         return out
-    files = _shards(model)
     out.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)  # written last: a copy cut short is never taken for a finished one
     for stale in out.glob("*.safetensors"):  # an earlier copy of another size

@@ -24,7 +24,7 @@ from expert_store.layout import ExpertLayout
 from expert_store.policies import CachePolicy, make_policy
 from expert_store.store import LocalExpertStore
 from expert_store.transfer import make_copier
-from expertflow.budget import parse_budget
+from expert_store.budget import parse_budget
 from expertflow.families import family_for
 from expertflow.model import MoETransformer
 from expertflow.spec import Family, ModelSpec

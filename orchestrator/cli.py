@@ -18,7 +18,7 @@ from dataclasses import asdict
 from math import prod
 from pathlib import Path
 
-from expertflow.budget import parse_budget
+from expert_store.budget import parse_budget
 from orchestrator.policies import POLICY_NAMES, PolicyInputs
 from orchestrator.report import format_table, plot
 from orchestrator.simulator import SimConfig, compare

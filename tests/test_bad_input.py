@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import prompt_ids
 from expert_store.checkpoint import CheckpointError
-from expertflow.budget import parse_budget
+from expert_store.budget import parse_budget
 from expertflow.cli import main
 from expertflow.engine import Engine, RequestError, SamplingParams
 from expertflow.families import UnsupportedArchitecture

@@ -1,4 +1,4 @@
-"""Parse memory budgets such as `6GiB`, `512MB`, `25%` or a plain byte count.
+"""Parse memory budgets and sizes such as `6GiB`, `512MB`, `25%` or a plain byte count (one syntax for every command).
 
 Not for: deciding what fits (the loader does, from the parsed numbers).
 """

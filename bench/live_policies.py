@@ -11,8 +11,10 @@ and whether every policy produced the same tokens.
 (bench/padded_experts.py: same tokens and routing, copies as costly as a large model's), e.g. 352321536 for
 Mixtral-8x7B's 336 MiB experts.
 
-Policies: lru, ondemand, expertflow (learned predictor, online correction, layer head with the model's gate
-speculation), expertflow-nospec (the layer head without speculation), expertflow-raw (no online correction).
+Policies: any name of the registry (orchestrator/policies.py: ondemand, lru, static, speculate, activation,
+expertflow; static and activation fit on --train-traces), plus expertflow-nospec (the layer head without the
+model's gate speculation) and expertflow-raw (no online correction). Each run reports the policy's host time
+per decode step (`plan_ms_per_step`: cache views, prefetcher calls and plan execution on the critical path).
 
 Not for: correctness (tests) or trace replay (orchestrator's simulator).
 """
@@ -31,11 +33,13 @@ from bench.padded_experts import pad_checkpoint
 from expertflow.default_model import default_model_dir
 from expertflow.engine import Engine, SamplingParams
 from expertflow.loader import LoadOptions, load
-from orchestrator.live_policy import ExpertFlowPolicy, LivePlanConfig
+from expert_store.stats import CacheStats
+from expertflow.loader import policy_inputs
+from orchestrator.expertflow import ExpertFlowConfig
+from predictor.baselines import ActivationMatrixPredictor, layer_frequency
 from predictor.learned import LearnedPredictor
 from predictor.online import OnlineConfig
-from expert_store.stats import CacheStats
-from traces.format import load_trace
+from traces.format import Trace, concat, load_trace
 
 
 def prompts_from_trace(path: Path, per_domain: int, length: int) -> list[list[int]]:
@@ -48,17 +52,31 @@ def prompts_from_trace(path: Path, per_domain: int, length: int) -> list[list[in
 
 
 def run(
-    model: Path, device: str, budget: str, policy: str, predictor_dir: Path, prompts, new_tokens: int, batch: int = 0
+    model: Path,
+    device: str,
+    budget: str,
+    policy: str,
+    predictor_dir: Path | None,
+    prompts,
+    new_tokens: int,
+    batch: int = 0,
+    train: Trace | None = None,
 ) -> dict:
     """One policy at one budget over all prompts, `batch` requests at a time (0: all at once)."""
-    factory = None
-    if policy.startswith("expertflow"):
-        online = None if policy == "expertflow-raw" else OnlineConfig()
-        predictor = LearnedPredictor.load(predictor_dir, online)
-        config = LivePlanConfig(speculation=policy != "expertflow-nospec")
-        factory = lambda spec: ExpertFlowPolicy(predictor, spec.moe_layers, config)  # noqa: E731
-    base = "lru" if factory else policy
-    loaded = load(model, LoadOptions(device=device, expert_budget=budget, policy=base, policy_factory=factory))
+
+    def inputs(space):
+        values = {}
+        if policy.startswith("expertflow"):
+            online = None if policy == "expertflow-raw" else OnlineConfig()
+            values["learned"] = LearnedPredictor.load(predictor_dir, online).sessions()
+            values["expertflow"] = ExpertFlowConfig(speculation=policy != "expertflow-nospec")
+        if train is not None:
+            values["frequency"] = layer_frequency(train)
+            values["activation"] = ActivationMatrixPredictor(train).sessions()
+        return policy_inputs(space, **values)
+
+    name = "expertflow" if policy.startswith("expertflow") else policy
+    loaded = load(model, LoadOptions(device=device, expert_budget=budget, policy=name, policy_inputs=inputs))
     engine = Engine(loaded)
     params = SamplingParams(max_new_tokens=new_tokens, stop_on_eos=False)
     engine.generate(prompts[:1], SamplingParams(max_new_tokens=2, stop_on_eos=False))  # warm-up
@@ -68,6 +86,8 @@ def run(
     for r in results:
         s.add(r.stats.total)
     decode_s = sum(r.decode_s for r in results)
+    decode_steps = [st for r in results for st in r.stats.steps[1:]]  # the first step of each call is its prompts
+    step_ms = [x * 1e3 for r in results for x in r.step_s[1:]]
     out = {
         "budget": budget,
         "policy": policy,
@@ -77,12 +97,16 @@ def run(
         "tokens_per_s": sum(r.tokens_per_s * r.decode_s for r in results) / decode_s if decode_s else 0.0,
         "decode_s": decode_s,
         "hit_rate": s.hit_rate,
+        "late": s.late,
         "misses": s.misses,
         "prefetches": s.prefetches,
         "prefetch_accuracy": s.prefetch_accuracy,
         "prefetch_cancelled": s.prefetch_cancelled,
         "bytes_moved": s.bytes_moved,
         "stall_s": s.stall_s,
+        "step_ms_median": float(np.median(step_ms)) if step_ms else 0.0,
+        "plan_ms_per_step": 1e3 * sum(st.plan_s for st in decode_steps) / max(len(decode_steps), 1),
+        "plan_share_of_step": sum(st.plan_s for st in decode_steps) / max(sum(step_ms) / 1e3, 1e-12),
         "tokens": [o.token_ids for r in results for o in r.outputs],
     }
     loaded.close()
@@ -92,7 +116,8 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--predictor", type=Path, required=True)
+    parser.add_argument("--predictor", type=Path, help="learned predictor (expertflow policies)")
+    parser.add_argument("--train-traces", type=Path, nargs="+", default=[], help="fit static/activation on these")
     parser.add_argument("--traces", type=Path, required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budgets", default="25%,50%")
@@ -109,10 +134,11 @@ def main() -> None:
     if args.pad_expert_bytes:
         model = pad_checkpoint(model, args.workdir / f"{model.name}-{args.pad_expert_bytes}", args.pad_expert_bytes)
     prompts = prompts_from_trace(args.traces, args.per_domain, args.prompt_len)
+    train = concat([load_trace(p) for p in args.train_traces]) if args.train_traces else None
     # The first run in a process pays for warming up (allocator, kernels, clocks): discard one.
     run(model, args.device, args.budgets.split(",")[0], "lru", args.predictor, prompts, 4)
     runs = [
-        run(model, args.device, b, p, args.predictor, prompts, args.new_tokens, args.batch)
+        run(model, args.device, b, p, args.predictor, prompts, args.new_tokens, args.batch, train)
         for b in args.budgets.split(",")
         for p in args.policies.split(",")
     ]

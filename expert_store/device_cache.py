@@ -1,36 +1,59 @@
-"""The hot-expert cache on the compute device: fixed slots, a copy engine, a policy.
+"""The hot-expert cache on the compute device: fixed slots, a copy engine, an eviction policy, plans.
 
-Slots are one preallocated [n_slots, padded_numel] tensor, reused and never
-reallocated. `acquire(layer, experts)` yields each requested expert's weight views:
-already-resident experts first, so compute starts while misses are still copying;
-misses are loaded into free slots or slots the policy frees, never into a slot whose
-expert this layer has yet to use. Evicted experts are read-only copies and are never
-written back.
+Slots are one preallocated [n_slots, padded_numel] tensor, reused and never reallocated. A key is in
+one of three states once it has a slot: queued (a planned prefetch not yet issued; cancellable),
+copying (issued to the copy stream, or its bytes still being staged from a slower tier), landed.
+Evicted experts are read-only copies and are never written back.
 
-Prefetches wait in a software queue (the policy's, earliest deadline first) and go to the
-copy stream at most `max_inflight` at a time, so a demand load is queued behind at most that
-many copies, and a queued prefetch the policy stops asking for is cancelled before it starts.
-The queue advances whenever the cache is called (each layer and each expert it yields).
+Per MoE layer the engine calls, in this order:
 
-Not for: deciding eviction order (policies) or reading checkpoints (store).
+    demand(layer, experts)   count hits (landed), late (queued or copying) and misses; misses get a slot
+                             (the eviction policy frees one if needed) and go to the copy stream at once,
+                             queued prefetches of this layer's keys too; the layer's keys are pinned
+    execute(plan)            a prefetcher's plan: cancel queued copies, evict landed keys, queue fetches
+                             earliest deadline first, each with its slot reserved now
+    acquire(layer, experts)  yield each expert's weight views, landed ones first, so compute starts
+                             while misses are still copying; unpins the layer when done
+
+Queued prefetches go to the copy stream at most `max_inflight` at a time, so a demand load waits
+behind at most that many; the queue advances whenever the cache is called. `view()` is the
+read-only snapshot prefetchers plan with (expert_store/plan.py), with the injected clock and times.
+
+Not for: choosing victims (eviction.py), deciding what to prefetch (orchestrator/), reading
+checkpoints (store.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import bisect
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from expert_store.layout import ExpertKey
-from expert_store.policies import CachePolicy
+from expert_store.eviction import EvictionPolicy
+from expert_store.keys import ExpertKey
+from expert_store.plan import CacheView, InFlight, Plan
 from expert_store.residency import Residency
 from expert_store.stats import CacheStats
-from expert_store.store import ExpertStore, Tier
+from expert_store.store import ExpertStore, StagedRead, Tier
+from expert_store.timing import Clock, MeasuredTiming, StepTiming, wall_clock_ms
 from expert_store.transfer import Copier
 
-_STAGING_BUFFERS = 2
+
+@dataclass
+class _Copy:
+    """A key whose slot is being filled."""
+
+    slot: int
+    issued_ms: float
+    demand: bool
+    ready: Any | None = None  # the copier's marker once the device copy is issued
+    read: StagedRead | None = None  # bytes still coming from a slower tier into `staging`
+    staging: int | None = None  # index of the host staging buffer it goes through
 
 
 class ExpertCache:
@@ -39,35 +62,44 @@ class ExpertCache:
         store: ExpertStore,
         n_slots: int,
         device: torch.device,
-        policy: CachePolicy,
+        eviction: EvictionPolicy,
         copier: Copier,
         max_inflight: int = 4,
+        timing: StepTiming | None = None,
+        clock: Clock = wall_clock_ms,
     ):
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
+        keys = store.keys()
+        self.shape = (max(k[0] for k in keys) + 1, max(k[1] for k in keys) + 1)  # (L, E)
         self.store = store
         self.layout = store.layout
         self.device = device
-        self.policy = policy
+        self.eviction = eviction
         self.copier = copier
+        self.max_inflight = max_inflight
+        self.timing = timing if timing is not None else MeasuredTiming(self.shape[0])
+        self.clock = clock
         self.residency = Residency(n_slots)
         self.slots = torch.empty(n_slots, self.layout.padded_numel, dtype=self.layout.dtype, device=device)
-        self._ready: list[Any | None] = [None] * n_slots  # copy into the slot has landed
         self._released: list[Any | None] = [None] * n_slots  # compute is done reading the slot
+        # Bytes from a tier outside host RAM pass through pinned staging buffers on CUDA (one per copy
+        # that may be in flight); on the CPU they are read straight into the slot.
+        n_staging = max_inflight + 2 if device.type == "cuda" else 0
         self._staging = [
-            torch.empty(self.layout.padded_numel, dtype=self.layout.dtype, pin_memory=device.type == "cuda")
-            for _ in range(_STAGING_BUFFERS if device.type == "cuda" else 0)
+            torch.empty(self.layout.padded_numel, dtype=self.layout.dtype, pin_memory=True) for _ in range(n_staging)
         ]
-        self._staging_free: list[Any | None] = [None] * len(self._staging)
-        self._next_staging = 0
+        self._staging_free: list[Any | None] = [None] * n_staging  # marker: its last copy has left it
+        self._staging_taken: set[int] = set()
+        self._landed = np.zeros(self.shape, bool)  # [L, E]
+        self._queue: list[tuple[float, int, ExpertKey]] = []  # planned prefetches, (deadline, seq, key)
+        self._queued: set[ExpertKey] = set()
+        self._seq = 0
+        self._copying: dict[ExpertKey, _Copy] = {}  # in issue order
+        self._pinned: frozenset[ExpertKey] = frozenset()  # the running layer's keys not used yet
+        self._waiting: list[ExpertKey] = []  # its misses that found no slot yet
         self._prefetched_unused: set[ExpertKey] = set()
-        self.max_inflight = max_inflight
-        self._queue: list[ExpertKey] = []  # prefetches not yet issued, earliest deadline first
-        self._inflight: dict[ExpertKey, int] = {}  # issued prefetches that may still be copying -> slot
-        self._keep: frozenset[ExpertKey] = frozenset()  # what prefetches may not evict
-        self._busy: set[ExpertKey] = set()  # keys the running layer has yet to use
         self.stats = CacheStats()
-        policy.attach(n_slots)
 
     @property
     def n_slots(self) -> int:
@@ -77,6 +109,44 @@ class ExpertCache:
     def nbytes(self) -> int:
         return self.slots.numel() * self.slots.element_size()
 
+    # -- what a prefetcher sees -----------------------------------------------------------------
+    def view(self) -> CacheView:
+        self._poll()
+        now = self.clock()
+        transfer = self.timing.transfer_ms
+        in_flight, eta = [], -np.inf
+        for key, c in self._copying.items():  # issue order: the copy stream serves them in turn
+            eta = max(eta, c.issued_ms) + transfer
+            in_flight.append(InFlight(key, max(eta, now), started=True))  # overdue: landing any moment
+        clock = max(eta, now)
+        for _, _, key in self._queue:
+            clock += transfer
+            in_flight.append(InFlight(key, clock, started=False))
+        return CacheView(
+            now_ms=now,
+            n_slots=self.n_slots,
+            resident=self._landed.copy(),
+            in_flight=tuple(in_flight),
+            pinned=self._pinned,
+            layer_ms=self.timing.layer_ms,
+            transfer_ms=transfer,
+            link_busy=self.timing.link_busy,
+        )
+
+    def is_landed(self, key: ExpertKey) -> bool:
+        self._poll()
+        return bool(self._landed[key])
+
+    def state(self, key: ExpertKey) -> str:
+        """"landed", "copying", "queued" or "absent" (for tests and reports)."""
+        self._poll()
+        if key in self._queued:
+            return "queued"
+        if key in self._copying:
+            return "copying"
+        return "landed" if key in self.residency else "absent"
+
+    # -- per step -------------------------------------------------------------------------------
     def take_stats(self) -> CacheStats:
         """The counters since the last call (synchronises to read copy timings)."""
         stall_s, copy_s = self.copier.drain()
@@ -85,144 +155,241 @@ class ExpertCache:
         stats, self.stats = self.stats, CacheStats()
         return stats
 
-    def before_route(self, layer: int) -> None:
-        """`layer` is about to route: let the policy plan (after seeing which copies landed) and queue its plan."""
-        self._pump()
-        self.prefetch(self.policy.prefetch(layer), self.policy.protected())
+    def end_step(self, seconds: float | None) -> CacheStats:
+        """A forward pass over every layer ended: its counters. Its wall time `seconds` (None: not
+        representative, e.g. a prompt's) also updates the times prefetchers plan with."""
+        stats = self.take_stats()
+        if seconds is not None:
+            self.timing.record_step(seconds, stats.copy_s, stats.misses + stats.prefetches)
+        return stats
 
-    def after_route(self, layer: int, experts: Sequence[int]) -> None:
-        """`layer` has routed to `experts`: the policy may replan (e.g. the next layer, now refined) before
-        they run; its prefetches never evict them."""
-        self._pump()
-        keys = self.policy.after_route(layer)
-        if keys is not None:
-            self.prefetch(keys, self.policy.protected() | {(layer, e) for e in experts})
+    # -- per layer ------------------------------------------------------------------------------
+    def demand(self, layer: int, experts: Sequence[int]) -> None:
+        """`layer` routed to `experts`: count them, load what is missing at top priority, pin them. Misses that
+        find no slot (a layer needing more experts than the cache holds) load during `acquire`, in the
+        slots of this layer's experts already used."""
+        keys = [ExpertKey(layer, e) for e in experts]
+        self._pinned = frozenset(keys)
+        self._waiting = []
+        self._poll()
+        for key in keys:
+            if self._landed[key]:
+                self.stats.hits += 1
+            elif key in self._copying:
+                self.stats.late += 1
+            elif key in self._queued:  # a planned prefetch not yet issued: it goes now, with the misses
+                self.stats.late += 1
+                self._unqueue(key)
+                self._issue(key, self.residency.lookup(key), demand=True, prefetch=True)
+            else:
+                self.stats.misses += 1
+                slot = self._make_room(self._pinned, wait=True)
+                if slot is None:
+                    self._waiting.append(key)
+                    continue
+                self._place(key, slot)
+                self._issue(key, slot, demand=True, prefetch=False)
 
-    def prefetch(self, keys: Sequence[ExpertKey], protected: frozenset[ExpertKey] = frozenset()) -> None:
-        """Make `keys` (earliest deadline first) the prefetch queue: queued keys not listed are cancelled,
-        the rest issued as copies allow, never evicting anything in `protected` or in `keys`."""
-        listed = set(keys)
-        self.stats.prefetch_cancelled += sum(1 for k in self._queue if k not in listed)
-        self._queue = [k for k in dict.fromkeys(keys) if k not in self.residency]
-        self._keep = frozenset(protected) | listed  # resident keys listed stay too
-        self._pump()
-
-    def _pump(self) -> None:
-        """Issue queued prefetches while fewer than `max_inflight` are copying."""
-        for key in [k for k, slot in self._inflight.items() if self.residency.lookup(k) != slot]:
-            del self._inflight[key]  # evicted meanwhile
-        for key in [k for k, slot in self._inflight.items() if self.copier.landed(self._ready[slot])]:
-            del self._inflight[key]
-            self.policy.on_landed(key)
-        while self._queue and len(self._inflight) < self.max_inflight:
-            key = self._queue[0]
-            if key in self.residency:
-                self._queue.pop(0)
+    def execute(self, plan: Plan | None) -> None:
+        """Carry out a prefetcher's plan: cancel, evict, then queue the fetches earliest deadline first.
+        Parts the cache has overtaken since the plan's view (a cancelled key already copying, an evicted
+        key now pinned or not landed, a fetched key already here) are skipped."""
+        if not plan:
+            return
+        self._poll()
+        for key in plan.cancel:
+            if key in self._queued and key not in self._pinned:
+                self._unqueue(key)
+                self._release(key)
+                self.stats.prefetch_cancelled += 1
+        for key in plan.evict:
+            if self._landed[key] and key not in self._pinned:
+                self._evict(key)
+        keep = self._pinned | {t.key for t in plan.fetch}
+        for t in plan.fetch:
+            if t.key in self.residency:
                 continue
-            slot = self._make_room(self._keep | self._busy)
+            slot = self._make_room(keep, wait=False)
             if slot is None:
-                return
-            self._queue.pop(0)
-            self._load(key, slot)
-            self._inflight[key] = slot
-            self._prefetched_unused.add(key)
-            self.stats.prefetches += 1
+                break
+            self._place(t.key, slot)
+            bisect.insort(self._queue, (t.deadline_ms, self._seq, t.key))
+            self._seq += 1
+            self._queued.add(t.key)
+        self._pump()
 
     def acquire(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Yield (expert, gate_up [2F, D], down [D, F]) for each expert, each once.
+        """Yield (expert, gate_up [2F, D], down [D, F]) for each expert, each once, landed ones first.
 
-        The caller must finish issuing its use of one expert before asking for the next:
-        the slot may be refilled right after.
+        Calls `demand` first unless it was just called for these experts. The caller must finish
+        issuing its use of one expert before asking for the next: the slot may be refilled right after.
         """
-        keys = [(layer, e) for e in experts]
-        hits = [k for k in keys if k in self.residency]
-        misses = [k for k in keys if k not in self.residency]
-        self.stats.hits += len(hits)
-        self.stats.misses += len(misses)
-        unused = set(keys)
-        self._busy = unused
-        demanded = set(misses)
-        self._queue = [k for k in self._queue if k not in demanded]  # loaded now, at top priority
-        queue = list(misses)
-
-        def issue() -> None:
-            while queue:
-                slot = self._make_room(unused)
+        keys = [ExpertKey(layer, e) for e in experts]
+        if self._pinned != frozenset(keys):
+            self.demand(layer, experts)
+        self._poll()
+        waiting = set(self._waiting)
+        order = sorted(keys, key=lambda k: (k in waiting, not self._landed[k]))  # stable: landed first
+        for key in order:
+            if key in waiting:  # this layer's experts used so far may make room now
+                slot = self._make_room(self._pinned, wait=True)
                 if slot is None:
-                    return
-                self._load(queue.pop(0), slot)
-
-        issue()
-        for key in hits + misses:
-            if key not in self.residency:
-                issue()
-            slot = self.residency.lookup(key)
-            if slot is None:
-                raise RuntimeError(f"no slot could be freed for expert {key}")
-            self.copier.wait(self._ready[slot])
+                    raise RuntimeError("no slot can be freed: every slot holds an expert the running layer needs")
+                self._place(key, slot)
+                self._issue(key, slot, demand=True, prefetch=False)
+            slot = self._wait_landed(key)
             if key in self._prefetched_unused:
                 self._prefetched_unused.discard(key)
                 self.stats.prefetch_used += 1
-            self.policy.on_use(key)
             gate_up, down = self.layout.views(self.slots[slot])
-            yield key[1], gate_up, down
+            yield key.expert, gate_up, down
             self._released[slot] = self.copier.compute_done()
-            unused.discard(key)
-            if not self.policy.keeps_experts:
-                self.residency.release(key)
-                self.policy.on_evict(key)
-            issue()
+            self._pinned = self._pinned - {key}  # used: its slot may serve the layer's next expert
             self._pump()
-        self._busy = set()
+        # The policy hears of the layer's uses once it has run, in expert order, whatever order the copies
+        # landed in: the simulator does the same, so both make the same choices.
+        for key in sorted(keys):
+            if key in self.residency:
+                self.eviction.on_use(key)
+        if not self.eviction.keeps_experts:
+            for key in sorted(keys):
+                if key in self.residency:
+                    self._evict(key)
+        self._pinned = frozenset()
+        self._waiting = []
 
-    def _make_room(self, protected: set[ExpertKey] | frozenset[ExpertKey]) -> int | None:
-        slot = self.residency.free_slot()
-        if slot is not None:
-            return slot
-        candidates = [k for k in self.residency.resident() if k not in protected]
-        if not candidates:
-            return None
-        victim = self.policy.victim(candidates)
-        self.policy.on_evict(victim)
-        if victim in self._prefetched_unused:
-            self._prefetched_unused.discard(victim)
-            self.stats.prefetch_wasted += 1
-        return self.residency.release(victim)
-
-    def _load(self, key: ExpertKey, slot: int) -> None:
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _place(self, key: ExpertKey, slot: int) -> None:
         self.residency.place(key, slot)
-        self.policy.on_load(key)
-        dst = self.slots[slot]
-        src = self.store.host_view(key)
-        tier = Tier.HOST
-        if src is None:
-            # Reading the files blocks the host, so its time is stall on any device.
-            t0 = time.perf_counter()
-            if self._staging:
-                i = self._next_staging
-                self._next_staging = (i + 1) % len(self._staging)
-                self.copier.host_wait(self._staging_free[i])
-                src = self._staging[i]
-                tier = self.store.read_into(key, src)
-            else:  # CPU device: read the files straight into the slot
-                self.copier.host_wait(self._released[slot])
-                tier = self.store.read_into(key, dst)
-            elapsed = time.perf_counter() - t0
-            self.stats.stall_s += elapsed
-            if not self._staging:
-                self.stats.copy_s += elapsed
-                self._ready[slot] = None
-                self._count(tier)
-                return
-            ready = self.copier.copy(dst, src, after=self._released[slot])
-            self._staging_free[i] = ready
-        else:
-            ready = self.copier.copy(dst, src, after=self._released[slot])
-        self._ready[slot] = ready
-        self._count(tier)
+        self.eviction.on_load(key)
 
-    def _count(self, tier: Tier) -> None:
-        if tier is Tier.HOST:
+    def _release(self, key: ExpertKey) -> int:
+        """Free `key`'s slot, whatever state it was in."""
+        self._landed[key] = False
+        self._prefetched_unused.discard(key)
+        self.eviction.on_evict(key)
+        return self.residency.release(key)
+
+    def _evict(self, key: ExpertKey) -> None:
+        if key in self._prefetched_unused:
+            self.stats.prefetch_wasted += 1
+        self._release(key)
+
+    def _unqueue(self, key: ExpertKey) -> None:
+        self._queued.discard(key)
+        self._queue = [q for q in self._queue if q[2] != key]
+
+    def _make_room(self, protected: frozenset[ExpertKey], wait: bool) -> int | None:
+        """A free slot: a free one, else one the eviction policy frees among landed keys outside `protected`;
+        for a demand load (`wait`) then the last queued prefetch's, else the slot of the next copy to land;
+        None if there is none."""
+        while (slot := self.residency.free_slot()) is None:
+            candidates = {k for k in self.residency.resident() if self._landed[k] and k not in protected}
+            victim = self.eviction.victim(candidates) if candidates else None
+            if victim is not None:
+                self._evict(victim)
+                continue
+            if not wait:
+                return None
+            queued = [q for q in self._queue if q[2] not in protected]
+            if queued:
+                key = queued[-1][2]
+                self._unqueue(key)
+                self._release(key)
+                self.stats.prefetch_cancelled += 1
+                continue
+            copying = [k for k in self._copying if k not in protected]
+            if not copying:
+                return None  # every slot holds a key the running layer has yet to use
+            self._wait_landed(copying[0])
+        return slot
+
+    def _issue(self, key: ExpertKey, slot: int, demand: bool, prefetch: bool) -> None:
+        """Send `key` towards its slot: a device copy from host RAM, or a staged read from a slower tier.
+        `demand`: a layer waits for it (not counted against `max_inflight`); `prefetch`: it was planned."""
+        copy = _Copy(slot, self.clock(), demand)
+        self._copying[key] = copy
+        if prefetch:
+            self._prefetched_unused.add(key)
+            self.stats.prefetches += 1
+        src = self.store.host_view(key)
+        if src is not None:
             self.stats.bytes_from_host += self.layout.nbytes
+            copy.ready = self.copier.copy(self.slots[slot], src, after=self._released[slot])
         else:
             self.stats.bytes_from_nvme += self.layout.nbytes
+            if self._staging:
+                copy.staging = self._take_staging()
+                copy.read = self.store.stage(key, self._staging[copy.staging])
+            else:  # CPU: straight into the slot, which compute has finished with (it is synchronous)
+                copy.read = self.store.stage(key, self.slots[slot])
+        self._advance(key, copy)
+
+    def _advance(self, key: ExpertKey, copy: _Copy) -> None:
+        """Move a copy on if it can: a finished staged read goes to the device, a landed copy is landed."""
+        if copy.read is not None:
+            if not copy.read.done():
+                return
+            copy.read.wait()  # re-raises a failed read here
+            copy.read = None
+            if copy.staging is not None:
+                copy.ready = self.copier.copy(
+                    self.slots[copy.slot], self._staging[copy.staging], after=self._released[copy.slot]
+                )
+                self._staging_free[copy.staging] = copy.ready
+                self._staging_taken.discard(copy.staging)
+        if copy.read is None and self.copier.landed(copy.ready):
+            del self._copying[key]
+            self._landed[key] = True
+
+    def _take_staging(self) -> int:
+        """A staging buffer no read is filling and no device copy is still reading."""
+        for i in range(len(self._staging)):
+            if i not in self._staging_taken and self.copier.landed(self._staging_free[i]):
+                self._staging_taken.add(i)
+                return i
+        free = [i for i in range(len(self._staging)) if i not in self._staging_taken]
+        if not free:  # every buffer is being filled: finish the oldest read
+            oldest = next(k for k, c in self._copying.items() if c.staging is not None and c.read is not None)
+            c = self._copying[oldest]
+            t0 = time.perf_counter()
+            c.read.wait()
+            self.stats.stall_s += time.perf_counter() - t0
+            self._advance(oldest, c)
+            free = [i for i in range(len(self._staging)) if i not in self._staging_taken]
+        self.copier.host_wait(self._staging_free[free[0]])
+        self._staging_taken.add(free[0])
+        return free[0]
+
+    def _poll(self) -> None:
+        for key, copy in list(self._copying.items()):
+            self._advance(key, copy)
+
+    def _pump(self) -> None:
+        """Observe landings, then issue queued prefetches while fewer than `max_inflight` are copying."""
+        self._poll()
+        while self._queue and sum(not c.demand for c in self._copying.values()) < self.max_inflight:
+            _, _, key = self._queue.pop(0)
+            self._queued.discard(key)
+            self._issue(key, self.residency.lookup(key), demand=False, prefetch=True)
+
+    def _wait_landed(self, key: ExpertKey) -> int:
+        """Block compute (not the host, on a GPU) until `key` has landed; its slot."""
+        slot = self.residency.lookup(key)
+        if slot is None:
+            raise RuntimeError(f"expert {tuple(key)} was evicted before its layer used it")
+        if key in self._queued:  # demand() issues its layer's queued keys; a caller may skip demand()
+            self._unqueue(key)
+            self._issue(key, slot, demand=True, prefetch=True)
+        copy = self._copying.get(key)
+        if copy is not None:
+            if copy.read is not None:
+                t0 = time.perf_counter()  # reading a slower tier blocks the host: stall on any device
+                copy.read.wait()
+                self.stats.stall_s += time.perf_counter() - t0
+                self._advance(key, copy)
+            if key in self._copying:
+                self.copier.wait(copy.ready)
+                del self._copying[key]
+                self._landed[key] = True
+        return slot

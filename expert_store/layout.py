@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-ExpertKey = tuple[int, int]  # (layer index in the model, expert index in that layer)
-
 _ALIGN = 128  # elements; keeps every view equally aligned in every slot
 
 

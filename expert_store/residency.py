@@ -3,12 +3,12 @@
 Kept apart from data movement so the cache policies, the simulator and CPU tests all
 run this exact code.
 
-Not for: choosing victims (policies) or copying (device_cache).
+Not for: choosing victims (eviction.py) or copying (device_cache.py).
 """
 
 from __future__ import annotations
 
-from expert_store.layout import ExpertKey
+from expert_store.keys import ExpertKey
 
 
 class Residency:

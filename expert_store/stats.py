@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class CacheStats:
-    hits: int = 0
-    misses: int = 0
+    hits: int = 0  # landed when its layer needed it
+    late: int = 0  # its copy was queued or under way when its layer needed it
+    misses: int = 0  # not in the cache at all: loaded on demand
     prefetches: int = 0
     prefetch_used: int = 0  # prefetched experts that compute then used
     prefetch_wasted: int = 0  # prefetched experts evicted before any use
@@ -20,10 +21,11 @@ class CacheStats:
     bytes_from_nvme: int = 0
     stall_s: float = 0.0  # compute time spent waiting for expert copies
     copy_s: float = 0.0  # time the copy engine spent copying
+    plan_s: float = 0.0  # host time the engine spent on prefetching: cache views, prefetcher calls, plans
 
     @property
     def accesses(self) -> int:
-        return self.hits + self.misses
+        return self.hits + self.late + self.misses
 
     @property
     def hit_rate(self) -> float:

@@ -1,12 +1,18 @@
 """The expert store: (layer, expert) -> that expert's flat buffer, from the fastest host tier holding it.
 
-`ExpertStore` is the contract the GPU worker's cache reads through. `LocalExpertStore`
-implements it in process (the embedded mode); the services later put the same
-contract behind shared memory (same host) and gRPC (other hosts), so callers never
-change.
+`ExpertStore` is the contract the GPU worker's cache reads through; `load()` takes any implementation.
+`LocalExpertStore` implements it in process (the embedded mode); the services put the same contract
+behind shared memory (same host) and gRPC (other hosts), so callers never change.
 
-Placement is static: experts fill the host arena in (layer, expert) order until the
-host budget is spent; the rest are served from the NVMe files.
+Two ways to get bytes that are not already in host RAM (`host_view` is None):
+
+    read_into(key, out)   blocking: returns once `out` holds the expert
+    stage(key, out)       asynchronous: starts the read and returns a `StagedRead` at once; the cache
+                          starts it when it queues a copy and waits only when the copy must go out, so a
+                          slow tier (NVMe, another host) is not a blocking call inside the MoE block
+
+Placement is static: experts fill the host arena in key order until the host budget is spent; the
+rest are served from the NVMe files.
 
 Not for: the GPU cache, eviction, or prefetch decisions.
 """
@@ -16,18 +22,53 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from tqdm import tqdm
 
 from expert_store.checkpoint import CheckpointFiles
-from expert_store.layout import ExpertKey, ExpertLayout, ExpertTensorNames
+from expert_store.keys import ExpertKey
+from expert_store.layout import ExpertLayout, ExpertTensorNames
 from expert_store.tiers import HostArena, NvmeTier
 
 
 class Tier(enum.Enum):
     HOST = "host"
     NVME = "nvme"
+
+
+class StagedRead(ABC):
+    """A read into a host buffer that may still be running."""
+
+    @abstractmethod
+    def done(self) -> bool: ...
+
+    @abstractmethod
+    def wait(self) -> Tier:
+        """Block until the buffer holds the expert; the tier it came from (re-raises the read's error)."""
+
+
+class _Finished(StagedRead):
+    def __init__(self, tier: Tier) -> None:
+        self._tier = tier
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> Tier:
+        return self._tier
+
+
+class _Pending(StagedRead):
+    def __init__(self, future: Future[Tier]) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> Tier:
+        return self._future.result()
 
 
 class ExpertStore(ABC):
@@ -49,11 +90,18 @@ class ExpertStore(ABC):
     def read_into(self, key: ExpertKey, out: torch.Tensor) -> Tier:
         """Write the expert into a flat host buffer `out`; returns the tier it came from."""
 
+    def stage(self, key: ExpertKey, out: torch.Tensor) -> StagedRead:
+        """Start writing the expert into `out` and return at once. This default reads synchronously;
+        stores with a slow tier override it."""
+        return _Finished(self.read_into(key, out))
+
     def close(self) -> None:
-        """Release host memory; the store is unusable afterwards."""
+        """Release host memory and stop any reader; the store is unusable afterwards."""
 
 
 class LocalExpertStore(ExpertStore):
+    """Host arena + NVMe files in this process; NVMe reads for `stage` run on `readers` threads."""
+
     def __init__(
         self,
         files: CheckpointFiles,
@@ -62,9 +110,10 @@ class LocalExpertStore(ExpertStore):
         host_budget_bytes: int,
         pin_for_cuda: bool,
         progress: bool = False,
+        readers: int = 2,
     ):
         self.layout = layout
-        self._names = dict(experts)
+        self._names = {ExpertKey(*k): v for k, v in experts.items()}
         self._nvme = NvmeTier(files, layout)
         for names in self._names.values():
             self._nvme.check(names)
@@ -78,6 +127,10 @@ class LocalExpertStore(ExpertStore):
         for slot, key in enumerate(load):
             self._nvme.read_into(self._names[key], self._arena.slots[slot])
             self._host_slot[key] = slot
+        # Only experts outside RAM need a reader; closed (and joined) by close().
+        self._readers = (
+            ThreadPoolExecutor(readers, thread_name_prefix="expert-store-nvme") if len(ordered) > capacity else None
+        )
 
     @property
     def host_kind(self) -> str:
@@ -107,10 +160,18 @@ class LocalExpertStore(ExpertStore):
         self._nvme.read_into(self._names[key], out)
         return Tier.NVME
 
+    def stage(self, key: ExpertKey, out: torch.Tensor) -> StagedRead:
+        if self.host_view(key) is not None or self._readers is None:
+            return _Finished(self.read_into(key, out))
+        return _Pending(self._readers.submit(self.read_into, key, out))
+
     def _check(self, key: ExpertKey) -> None:
         if key not in self._names:
-            raise KeyError(f"expert {key} is not in this store (layer, expert)")
+            raise KeyError(f"expert {tuple(key)} is not in this store (MoE layer, expert)")
 
     def close(self) -> None:
+        if self._readers is not None:
+            self._readers.shutdown(wait=True, cancel_futures=True)
+            self._readers = None
         self._arena.close()
         self._host_slot.clear()

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from expert_store.checkpoint import CheckpointError
-from expert_store.policies import POLICIES
 from expertflow.families import UnsupportedArchitecture
+from orchestrator.policies import LIVE_POLICY_NAMES
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,9 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--host-budget", default="100%", help="host RAM for routed experts; the rest is read from NVMe")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     gen.add_argument("--dtype", choices=sorted(_DTYPES), help="compute dtype (default: the checkpoint's)")
-    gen.add_argument("--policy", default="lru", choices=sorted(POLICIES) + ["expertflow"])
+    gen.add_argument("--policy", default="lru", choices=LIVE_POLICY_NAMES, help="cache policy (orchestrator/policies.py)")
     gen.add_argument("--predictor", type=Path, help="routing-path predictor directory (for --policy expertflow)")
     gen.add_argument("--no-online-correction", action="store_true", help="use the predictor's raw forecasts")
+    gen.add_argument(
+        "--train-traces", nargs="+", type=Path, default=[], help="routing traces of this model (static, activation)"
+    )
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -104,29 +107,43 @@ def _trace(args: argparse.Namespace) -> dict:
     return {"out": str(args.out), "sequences": trace.n_sequences, "tokens": len(trace.tokens), "domains": names}
 
 
-def _expertflow_policy(args: argparse.Namespace):
-    """A factory for the predictive policy, checked against the model once its spec is known."""
-    from orchestrator.live_policy import ExpertFlowPolicy
-    from predictor.learned import LearnedPredictor
-    from predictor.online import OnlineConfig
+def _policy_inputs(args: argparse.Namespace):
+    """What the chosen policy needs, built once the model's expert space is known (checked against it)."""
+    from expertflow.loader import policy_inputs
 
-    if args.predictor is None:
-        raise ValueError("--policy expertflow needs --predictor DIR (train one with `expertflow train-predictor`)")
-    if not (args.predictor / "config.json").exists():
-        raise FileNotFoundError(f"{args.predictor}: not a predictor directory (no config.json)")
-    predictor = LearnedPredictor.load(args.predictor, None if args.no_online_correction else OnlineConfig())
+    learned = None
+    if args.policy == "expertflow":
+        from predictor.learned import LearnedPredictor
+        from predictor.online import OnlineConfig
 
-    def factory(spec):
-        cfg = predictor.model.cfg
-        moe = spec.layers[spec.moe_layers[0]].moe
-        if (cfg.moe_layers, cfg.n_experts) != (len(spec.moe_layers), moe.router.n_experts):
-            raise ValueError(
-                f"{args.predictor}: predictor forecasts {cfg.moe_layers} MoE layers x {cfg.n_experts} experts, "
-                f"the model has {len(spec.moe_layers)} x {moe.router.n_experts}"
-            )
-        return ExpertFlowPolicy(predictor, spec.moe_layers)
+        if args.predictor is None:
+            raise ValueError("--policy expertflow needs --predictor DIR (train one with `expertflow train-predictor`)")
+        if not (args.predictor / "config.json").exists():
+            raise FileNotFoundError(f"{args.predictor}: not a predictor directory (no config.json)")
+        learned = LearnedPredictor.load(args.predictor, None if args.no_online_correction else OnlineConfig())
+    train = None
+    if args.policy in ("static", "activation") and args.train_traces:
+        from traces.format import concat, load_trace
 
-    return factory
+        train = concat([load_trace(p) for p in args.train_traces])
+
+    def build(space):
+        values = {}
+        if learned is not None:
+            values["learned"] = learned.sessions()
+        if train is not None:
+            from predictor.baselines import ActivationMatrixPredictor, layer_frequency
+
+            if (len(train.info.moe_layers), train.info.n_experts) != space.shape:
+                raise ValueError(
+                    f"--train-traces route {len(train.info.moe_layers)} MoE layers x {train.info.n_experts} experts, "
+                    f"the model has {space.n_layers} x {space.n_experts}"
+                )
+            values["frequency"] = layer_frequency(train)
+            values["activation"] = ActivationMatrixPredictor(train).sessions()
+        return policy_inputs(space, **values)
+
+    return build
 
 
 def _generate(args: argparse.Namespace) -> dict:
@@ -143,7 +160,7 @@ def _generate(args: argparse.Namespace) -> dict:
         expert_budget=args.expert_budget,
         host_budget=args.host_budget,
         policy=args.policy,
-        policy_factory=_expertflow_policy(args) if args.policy == "expertflow" else None,
+        policy_inputs=_policy_inputs(args),
         progress=not args.json and sys.stderr.isatty(),
     )
     loaded = load(directory, options)

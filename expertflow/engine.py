@@ -5,19 +5,30 @@
 A request stops on one of its EOS ids or after `max_new_tokens`; finished requests
 stay in the batch for attention but no longer route through the experts.
 
-Not for: text (tokenizer.py), loading (loader.py) or residency (expert_store).
+Every forward pass is one step of the prefetching protocol, and the engine makes its calls
+explicitly: `begin_step` with the live requests by id and their new tokens before the pass,
+`after_layer` from the pass's hooks as each MoE layer routes, `finish` when a request stops; each
+call gets the cache's view and the cache executes the plan it returns.
+
+Not for: text (tokenizer.py), loading (loader.py), residency (expert_store) or what to prefetch
+(orchestrator).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from expert_store.stats import RunStats
+from expert_store.device_cache import ExpertCache
+from expert_store.stats import CacheStats, RunStats
 from expertflow.loader import LoadedModel
-from expertflow.moe import RouteRecorder
+from expertflow.model import MoETransformer
+from expertflow.moe import ForwardHooks
+from orchestrator.prefetcher import LayerRoutes, Prefetcher, StepRequest
 
 
 class RequestError(ValueError):
@@ -108,13 +119,71 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+class _StepHooks:
+    """One forward pass's hooks: hands each MoE layer's routes (rows split by request) and the next layer's
+    gate speculation to the prefetcher, and executes its plan; forwards everything to a recorder."""
+
+    def __init__(
+        self,
+        model: MoETransformer,
+        cache: ExpertCache,
+        prefetcher: Prefetcher | None,
+        requests: Sequence[StepRequest],
+        recorder: ForwardHooks | None,
+    ):
+        self.model, self.cache, self.prefetcher, self.recorder = model, cache, prefetcher, recorder
+        self.rows: list[tuple[str, int, int]] = []  # (request, first row, end row) of the routed tokens
+        row = 0
+        for r in requests:
+            self.rows.append((r.id, row, row + len(r.new_tokens)))
+            row += len(r.new_tokens)
+        # Speculation costs a router pass per layer; prompts would not use it (their routes are unknown).
+        decode = all(len(r.new_tokens) == 1 for r in requests)
+        self.speculate = prefetcher is not None and prefetcher.wants_speculation and decode
+        self.spec: dict[int, torch.Tensor] = {}  # MoE layer index -> speculated ids [N, K], on the device
+        self.plan_s = 0.0  # host time in the prefetching calls
+
+    def on_attention_out(self, layer: int, h: torch.Tensor) -> None:
+        if self.recorder is not None:
+            self.recorder.on_attention_out(layer, h)
+        if self.prefetcher is not None:
+            t0 = time.perf_counter()
+            self.cache.execute(self.prefetcher.poll())  # an asynchronous prefetcher's plan, if one is ready
+            self.plan_s += time.perf_counter() - t0
+        if self.speculate:
+            t0 = time.perf_counter()
+            speculated = self.model.speculate(layer, h)
+            if speculated is not None:
+                self.spec[speculated[0]] = speculated[1]  # read on the host only when used
+            self.plan_s += time.perf_counter() - t0
+
+    def on_route(self, moe_layer: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
+        if self.recorder is not None:
+            self.recorder.on_route(moe_layer, ids, scores)
+        if self.prefetcher is None:
+            return
+        t0 = time.perf_counter()
+        rows = ids.cpu().numpy()  # the MoE block read them on the host already: no extra wait
+        routes = {rid: rows[a:b] for rid, a, b in self.rows}
+        spec = self.spec.pop(moe_layer + 1, None)
+        speculation = None
+        if spec is not None:
+            spec_rows = spec.cpu().numpy()
+            speculation = {rid: spec_rows[b - 1] for rid, a, b in self.rows}
+        plan = self.prefetcher.after_layer(LayerRoutes(moe_layer, routes, speculation), self.cache.view())
+        self.cache.execute(plan)
+        self.plan_s += time.perf_counter() - t0
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
         self.model = loaded.model
         self.cache = loaded.cache
+        self.prefetcher = loaded.policy.prefetcher
         self.spec = loaded.spec
         self.device = loaded.device
+        self._ids = itertools.count()
 
     def _validate(self, prompts: list[list[int]], params: SamplingParams) -> None:
         if not prompts:
@@ -144,16 +213,48 @@ class Engine:
         compute = torch.arange(longest, device=device)[None, :] >= pads[:, None]  # B T
         return tokens, pads, compute, self.model.new_caches(b, longest + room)
 
-    def prefill(self, prompts: list[list[int]], recorder: RouteRecorder | None = None) -> list[torch.Tensor]:
+    def _step(
+        self,
+        requests: list[StepRequest],
+        forward: Callable[[ForwardHooks | None], torch.Tensor],
+        recorder: ForwardHooks | None = None,
+    ) -> tuple[torch.Tensor, CacheStats, float]:
+        """One forward pass as a prefetching step: (its output, the cache's counters, wall seconds)."""
+        t0 = time.perf_counter()
+        if self.prefetcher is not None:
+            self.cache.execute(self.prefetcher.begin_step(requests, self.cache.view()))
+        plan_s = time.perf_counter() - t0
+        hooks = None
+        if self.prefetcher is not None or recorder is not None:
+            hooks = _StepHooks(self.model, self.cache, self.prefetcher, requests, recorder)
+        out = forward(hooks)
+        seconds = time.perf_counter() - t0
+        decode = all(len(r.new_tokens) == 1 for r in requests)
+        stats = self.cache.end_step(seconds if decode else None)
+        stats.plan_s = plan_s + (hooks.plan_s if hooks is not None else 0.0)
+        return out, stats, seconds
+
+    def _finish(self, ids: list[str]) -> None:
+        if self.prefetcher is not None and ids:
+            self.prefetcher.finish(ids)
+
+    def prefill(self, prompts: list[list[int]], recorder: ForwardHooks | None = None) -> list[torch.Tensor]:
         """Run prompts through the model once; logits [T_i, V] of every position of each prompt."""
         self._validate(prompts, SamplingParams())
         tokens, pads, compute, caches = self._batch(prompts, 0)
-        self.cache.policy.begin_step([list(p) for p in prompts], prefill=True)
-        logits = self.model(tokens, caches, 0, pads, compute, recorder or self.cache.policy.route_observer())
-        self.cache.take_stats()
+        ids = [str(next(self._ids)) for _ in prompts]
+        requests = [StepRequest(i, tuple(p)) for i, p in zip(ids, prompts)]
+        logits, _, _ = self._step(requests, lambda hooks: self.model(tokens, caches, 0, pads, compute, hooks), recorder)
+        self._finish(ids)
         return [logits[i, int(pads[i]) :] for i in range(len(prompts))]
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> GenerationResult:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams = SamplingParams(),
+        recorder: ForwardHooks | None = None,
+    ) -> GenerationResult:
+        """`recorder` (optional) is told every routing decision of every pass, as trace recording is."""
         self._validate(prompts, params)
         device = self.device
         b = len(prompts)
@@ -165,13 +266,16 @@ class Engine:
         stats = RunStats()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        ids = [str(next(self._ids)) for _ in prompts]
 
-        policy = self.cache.policy
-        observer = policy.route_observer()
         t0 = time.perf_counter()
-        policy.begin_step([list(p) for p in prompts], prefill=True)
-        logits = self.model(tokens, caches, 0, pads, compute, observer, last_only=True)[:, -1]  # B V
-        stats.record(self.cache.take_stats())
+        prompt_step = [StepRequest(i, tuple(p)) for i, p in zip(ids, prompts)]
+        logits, step_stats, _ = self._step(
+            prompt_step,
+            lambda hooks: self.model(tokens, caches, 0, pads, compute, hooks, last_only=True)[:, -1],  # B V
+            recorder,
+        )
+        stats.record(step_stats)
         prefill_s = time.perf_counter() - t0
 
         step_s = [prefill_s]
@@ -181,24 +285,29 @@ class Engine:
         t0 = time.perf_counter()
         for step in range(max_new):
             next_ids = sample(logits, params, generator)  # B
-            ids = next_ids.tolist()
+            sampled = next_ids.tolist()
+            stopped = []
             for i in range(b):
                 if alive[i]:
-                    outs[i].append(ids[i])
-                    if ids[i] in eos:
+                    outs[i].append(sampled[i])
+                    if sampled[i] in eos:
                         reasons[i], alive[i] = "eos", False
+                        stopped.append(ids[i])
+            self._finish(stopped)
             if step == max_new - 1 or not any(alive):
                 break
-            t_step = time.perf_counter()
             live = torch.tensor(alive, device=device)
-            policy.begin_step([[ids[i]] if alive[i] else [] for i in range(b)])
-            logits = self.model(
-                next_ids[:, None], caches, longest + step, pads, live[:, None], observer, last_only=True
-            )[:, -1]
-            step_stats = self.cache.take_stats()
+            requests = [StepRequest(ids[i], (sampled[i],)) for i in range(b) if alive[i]]
+            logits, step_stats, seconds = self._step(
+                requests,
+                lambda hooks: self.model(
+                    next_ids[:, None], caches, longest + step, pads, live[:, None], hooks, last_only=True
+                )[:, -1],
+                recorder,
+            )
             stats.record(step_stats)
-            step_s.append(time.perf_counter() - t_step)
-            policy.end_step(step_s[-1], step_stats)
+            step_s.append(seconds)
+        self._finish([ids[i] for i in range(b) if alive[i]])
         decode_s = time.perf_counter() - t0
 
         outputs = [RequestOutput(list(p), o, r) for p, o, r in zip(prompts, outs, reasons)]

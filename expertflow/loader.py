@@ -3,8 +3,9 @@
 Dense weights (embeddings, attention, norms, routers, shared experts, LM head) are
 copied tensor by tensor from the memory-mapped files to the compute device; routed
 experts go to the expert store (host arena within the host budget, the rest on
-NVMe) and reach the device through the hot-expert cache. No tensor is materialised
-in RAM except on its way somewhere.
+NVMe, unless the caller brings another `ExpertStore`) and reach the device through
+the hot-expert cache, which the named cache policy (orchestrator/policies.py) runs.
+No tensor is materialised in RAM except on its way somewhere.
 
 Not for: running requests (engine.py).
 """
@@ -18,16 +19,19 @@ from pathlib import Path
 
 import torch
 
+from expert_store.budget import parse_budget
 from expert_store.checkpoint import CheckpointError, CheckpointFiles
 from expert_store.device_cache import ExpertCache
+from expert_store.keys import ExpertSpace
 from expert_store.layout import ExpertLayout
-from expert_store.policies import CachePolicy, make_policy
-from expert_store.store import LocalExpertStore
+from expert_store.store import ExpertStore, LocalExpertStore
+from expert_store.timing import Clock, StepTiming, wall_clock_ms
 from expert_store.transfer import make_copier
-from expert_store.budget import parse_budget
 from expertflow.families import family_for
 from expertflow.model import MoETransformer
 from expertflow.spec import Family, ModelSpec
+from orchestrator.planning_thread import PlanningThread
+from orchestrator.policies import CachePolicy, PolicyInputs, make_policy
 
 
 @dataclass(frozen=True)
@@ -35,11 +39,18 @@ class LoadOptions:
     device: str = "cpu"
     dtype: torch.dtype | None = None  # None: the checkpoint's on CUDA, float32 on CPU
     expert_budget: str = "100%"  # of all routed-expert bytes, or an absolute size
-    host_budget: str = "100%"
-    policy: str = "lru"
-    # builds the policy from the model's spec instead of `policy` (for policies that need
-    # more than a name, such as a learned predictor)
-    policy_factory: Callable[[ModelSpec], CachePolicy] | None = None
+    host_budget: str = "100%"  # of the local store; ignored when load() is given a store
+    policy: str = "lru"  # a name in orchestrator/policies.py
+    # what named policies may use (predictors, training frequency), given the model's expert space;
+    # None: none, so only the policies that need nothing (ondemand, lru, speculate) are available
+    policy_inputs: Callable[[ExpertSpace], PolicyInputs] | None = None
+    # a policy built by the caller instead of `policy` (tests and benchmarks wrap or tune one)
+    policy_factory: Callable[[ExpertSpace], CachePolicy] | None = None
+    # "thread": the prefetcher plans on a worker thread (orchestrator/planning_thread.py), off the critical
+    # path; "inline": each call plans before the engine goes on
+    planning: str = "inline"
+    timing: StepTiming | None = None  # None: measured (expert_store/timing.py)
+    clock: Clock = wall_clock_ms
     progress: bool = False
 
 
@@ -49,14 +60,19 @@ class LoadedModel:
     family: Family
     spec: ModelSpec
     model: MoETransformer
-    store: LocalExpertStore
+    store: ExpertStore
     cache: ExpertCache
+    policy: CachePolicy
     device: torch.device
     dense_bytes: int
     expert_bytes_total: int
+    owns_store: bool = True
 
     def close(self) -> None:
-        self.store.close()
+        if self.policy.prefetcher is not None:
+            self.policy.prefetcher.close()
+        if self.owns_store:
+            self.store.close()
 
 
 def read_config(directory: Path):
@@ -88,7 +104,15 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def load(directory: str | Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
+def policy_inputs(space: ExpertSpace, **values) -> PolicyInputs:
+    """PolicyInputs for a live model: its expert space, and the gate speculation every model can compute."""
+    return PolicyInputs(space.n_layers, space.n_experts, space.top_k, speculation=True, **values)
+
+
+def load(directory: str | Path, options: LoadOptions = LoadOptions(), store: ExpertStore | None = None) -> LoadedModel:
+    """The model in `directory`, its routed experts served from `store` (default: a LocalExpertStore over
+    the directory's files within `options.host_budget`), which must hold every routed expert of the model
+    in the model's layout; the caller keeps ownership of a store it passes (LoadedModel.close leaves it)."""
     directory = Path(directory)
     device = _device(options.device)
     family, config = read_config(directory)
@@ -106,14 +130,18 @@ def load(directory: str | Path, options: LoadOptions = LoadOptions()) -> LoadedM
     model.inv_freq = spec.inv_freq.to(device)
     dense_bytes = _load_dense(model, family, files, spec)
 
-    moe_layers = [(i, ls.moe) for i, ls in enumerate(spec.layers) if ls.moe is not None]
+    moe_layers = [ls.moe for ls in spec.layers if ls.moe is not None]
     if not moe_layers:
         raise CheckpointError(f"{directory}: the config describes no MoE layer")
-    ffns = {moe.expert_ffn for _, moe in moe_layers}
+    ffns = {moe.expert_ffn for moe in moe_layers}
     if len(ffns) != 1:
         raise CheckpointError(f"{directory}: routed experts of different sizes ({sorted(ffns)}) are not supported")
+    try:
+        space = spec.experts
+    except ValueError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
     layout = ExpertLayout(spec.hidden, ffns.pop(), dtype)
-    names = {(i, e): family.expert_names(i, e) for i, moe in moe_layers for e in range(moe.router.n_experts)}
+    names = {k: family.expert_names(space.model_layer(k.layer), k.expert) for k in space.keys()}
     total = len(names) * layout.nbytes
     expert_budget = parse_budget(options.expert_budget, total, "--expert-budget")
     n_slots = min(len(names), expert_budget // layout.nbytes)
@@ -122,15 +150,47 @@ def load(directory: str | Path, options: LoadOptions = LoadOptions()) -> LoadedM
             f"--expert-budget {options.expert_budget} ({expert_budget} bytes) is smaller than one expert "
             f"({layout.nbytes} bytes); give at least {layout.nbytes} bytes or {100 * layout.nbytes / total:.2f}%"
         )
-    host_budget = parse_budget(options.host_budget, len(names) * layout.slot_nbytes, "--host-budget")
-    store = LocalExpertStore(files, names, layout, host_budget, device.type == "cuda", options.progress)
-    policy = options.policy_factory(spec) if options.policy_factory else make_policy(options.policy)
-    policy.bind_speculation(model.speculate)
-    cache = ExpertCache(store, n_slots, device, policy, make_copier(device))
-    for i, _ in moe_layers:
-        model.layers[i].moe.cache = cache
+    owns_store = store is None
+    if store is None:
+        host_budget = parse_budget(options.host_budget, len(names) * layout.slot_nbytes, "--host-budget")
+        store = LocalExpertStore(files, names, layout, host_budget, device.type == "cuda", options.progress)
+    else:
+        _check_store(store, names.keys(), layout)
+    policy = None
+    try:
+        if options.policy_factory is not None:
+            policy = options.policy_factory(space)
+        else:
+            inputs = options.policy_inputs(space) if options.policy_inputs else policy_inputs(space)
+            policy = make_policy(options.policy, inputs)
+        if options.planning not in ("inline", "thread"):
+            raise ValueError(f"planning {options.planning!r}: inline or thread")
+        if options.planning == "thread" and policy.prefetcher is not None:
+            policy = CachePolicy(policy.name, policy.eviction, PlanningThread(policy.prefetcher))
+        cache = ExpertCache(
+            store, n_slots, device, policy.eviction, make_copier(device), timing=options.timing, clock=options.clock
+        )
+    except BaseException:
+        if policy is not None and policy.prefetcher is not None:
+            policy.prefetcher.close()
+        if owns_store:
+            store.close()
+        raise
+    for blk in model.layers:
+        if hasattr(blk, "moe"):
+            blk.moe.cache = cache
     model.eval()
-    return LoadedModel(directory, family, spec, model, store, cache, device, dense_bytes, total)
+    return LoadedModel(
+        directory, family, spec, model, store, cache, policy, device, dense_bytes, total, owns_store
+    )
+
+
+def _check_store(store: ExpertStore, keys, layout: ExpertLayout) -> None:
+    if store.layout != layout:
+        raise ValueError(f"the expert store holds experts laid out as {store.layout}, the model needs {layout}")
+    missing = set(keys) - set(store.keys())
+    if missing:
+        raise ValueError(f"the expert store lacks {len(missing)} of the model's experts, e.g. {min(missing)}")
 
 
 def _load_dense(model: MoETransformer, family: Family, files: CheckpointFiles, spec: ModelSpec) -> int:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from expertflow.layers import MLP, Attention, KVCache, MLAttention, RMSNorm, rotary_cos_sin
-from expertflow.moe import MoEBlock, RouteRecorder
+from expertflow.moe import ForwardHooks, MoEBlock
 from expertflow.spec import LayerSpec, ModelSpec
 
 
@@ -32,21 +32,21 @@ class Block(nn.Module):
         self.attn = attn_cls(spec.attention, spec.hidden, spec.rms_eps)
         self.mlp_norm = RMSNorm(spec.hidden, spec.rms_eps)
         if layer_spec.moe is not None:
-            self.moe = MoEBlock(layer_spec.moe, index, spec.hidden, spec.act)
+            self.moe = MoEBlock(layer_spec.moe, spec.experts.index(index), spec.hidden, spec.act)
         else:
             self.mlp = MLP(spec.hidden, layer_spec.dense_ffn, spec.act)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache, start: int, compute, recorder: RouteRecorder | None):
+    def forward(self, x, cos, sin, mask, cache: KVCache, start: int, compute, hooks: ForwardHooks | None):
         h = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
-        if recorder is not None:
-            recorder.on_attention_out(self.index, h[compute])
+        if hooks is not None:
+            hooks.on_attention_out(self.index, h[compute])
         y = self.mlp_norm(h)
         if hasattr(self, "mlp"):
             return h + self.mlp(y)
         # Only tokens that need an output go through the experts: padding and finished
         # requests would otherwise pull experts in for nothing.
         out = torch.zeros_like(y)
-        out[compute] = self.moe(y[compute], recorder)  # N D
+        out[compute] = self.moe(y[compute], hooks)  # N D
         return h + out
 
 
@@ -62,13 +62,13 @@ class MoETransformer(nn.Module):
         self._next_moe = dict(zip(spec.moe_layers, spec.moe_layers[1:]))
 
     def speculate(self, layer: int, h: torch.Tensor) -> tuple[int, torch.Tensor] | None:
-        """Next-layer gate speculation: the next MoE layer's router on layer `layer`'s post-attention
-        state h [N, D]; (that MoE layer, its top-k ids [N, K]), or None after the last MoE layer."""
+        """Next-layer gate speculation: the next MoE layer's router on model layer `layer`'s post-attention
+        state h [N, D]; (that MoE layer's index, its top-k ids [N, K]), or None after the last MoE layer."""
         nxt = self._next_moe.get(layer)
         if nxt is None:
             return None
         block = self.layers[nxt]
-        return nxt, block.moe.router(block.mlp_norm(h))[0]
+        return block.moe.index, block.moe.router(block.mlp_norm(h))[0]
 
     def new_caches(self, batch: int, length: int) -> list[KVCache]:
         p = self.embed.weight
@@ -82,7 +82,7 @@ class MoETransformer(nn.Module):
         start: int,  # cache column of tokens[:, 0]
         pads: torch.Tensor,  # B, left padding per request
         compute: torch.Tensor,  # B T bool: positions whose outputs matter
-        recorder: RouteRecorder | None = None,
+        hooks: ForwardHooks | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, V] for the new tokens ([B, 1, V] with last_only)."""
@@ -98,7 +98,7 @@ class MoETransformer(nn.Module):
         x = self.embed(tokens)  # B T D
         cos, sin = rotary_cos_sin(positions, self.inv_freq, self.spec.rope_scale, x.dtype)
         for blk, cache in zip(self.layers, caches):
-            x = blk(x, cos, sin, mask, cache, start, compute, recorder)
+            x = blk(x, cos, sin, mask, cache, start, compute, hooks)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

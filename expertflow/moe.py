@@ -8,7 +8,13 @@ order the cache makes them available. Each (token, k) result is written to its o
 row and the rows are combined in a fixed order afterwards, so the output is
 bit-identical whatever the cache budget, policy or arrival order.
 
-Not for: deciding residency (expert_store) or the dense parts of a layer (layers.py).
+Per forward the block asks the cache for its routed experts (`demand`, so misses go to the
+copy stream first), tells the caller's hooks (the engine plans prefetches there), then
+runs the experts as the cache yields them. It knows its MoE layer index, the key space
+every expert store, cache and prefetcher uses.
+
+Not for: deciding residency or prefetches (expert_store, orchestrator) or the dense parts of a
+layer (layers.py).
 """
 
 from __future__ import annotations
@@ -23,12 +29,16 @@ from expertflow.layers import ACTIVATIONS, MLP
 from expertflow.spec import MoESpec, RouterSpec
 
 
-class RouteRecorder(Protocol):
-    """Receives routing as it happens (for traces); the model never depends on what it does."""
+class ForwardHooks(Protocol):
+    """Told what a forward pass does as it happens (the engine's prefetching, trace recording); the
+    model never depends on what it does."""
 
-    def on_route(self, layer: int, ids: torch.Tensor, scores: torch.Tensor) -> None: ...
+    def on_attention_out(self, layer: int, h: torch.Tensor) -> None:
+        """Model layer `layer`'s post-attention state h [N, D] of the tokens that compute."""
 
-    def on_attention_out(self, layer: int, h: torch.Tensor) -> None: ...
+    def on_route(self, moe_layer: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """MoE layer `moe_layer` (index) routed: ids [N, K], router scores [N, K]; its misses are already
+        queued and its experts not yet run."""
 
 
 class Router(nn.Module):
@@ -62,10 +72,10 @@ class Router(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    def __init__(self, spec: MoESpec, layer: int, hidden: int, act: str):
+    def __init__(self, spec: MoESpec, index: int, hidden: int, act: str):
         super().__init__()
         self.spec = spec
-        self.layer = layer
+        self.index = index  # MoE layer index: the layer of this block's ExpertKeys
         self.router = Router(spec.router, hidden)
         self.act = ACTIVATIONS[act]
         if spec.shared_ffn:
@@ -74,28 +84,23 @@ class MoEBlock(nn.Module):
             self.shared_gate = nn.Linear(hidden, 1, bias=False)
         self.cache: ExpertCache | None = None  # attached by the loader
 
-    def forward(self, x: torch.Tensor, recorder: RouteRecorder | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hooks: ForwardHooks | None = None) -> torch.Tensor:
         """x [N, D] (valid tokens only) -> [N, D]."""
         if self.cache is None:
             raise RuntimeError("MoE block has no expert cache attached")
         n, d = x.shape
-        policy = self.cache.policy
-        # Prefetches go out before this layer's routing is known, so they overlap the router
-        # and every expert this layer finds resident.
-        self.cache.before_route(self.layer)
         ids, weights, picked = self.router(x)  # N K
-        if recorder is not None:
-            recorder.on_route(self.layer, ids, picked)
         k = ids.shape[1]
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)  # (token, k) rows grouped by expert
         experts, counts = flat[order].unique_consecutive(return_counts=True)
         experts_list, counts_list = experts.tolist(), counts.tolist()
         rows_of = dict(zip(experts_list, order.split(counts_list)))
-        policy.observe_route(self.layer, experts_list)
-        self.cache.after_route(self.layer, experts_list)  # next-layer copies overlap this layer's experts
+        self.cache.demand(self.index, experts_list)  # misses go to the copy stream before anything else
+        if hooks is not None:
+            hooks.on_route(self.index, ids, picked)
         rows_out = x.new_empty(n * k, d)
-        for e, gate_up, down in self.cache.acquire(self.layer, experts_list):
+        for e, gate_up, down in self.cache.acquire(self.index, experts_list):
             rows = rows_of[e]
             xe = x[rows // k]  # n D
             g, u = (xe @ gate_up.t()).chunk(2, dim=-1)  # n F each

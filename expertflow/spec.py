@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from expert_store.keys import ExpertSpace
 from expert_store.layout import ExpertTensorNames
 
 
@@ -87,6 +88,17 @@ class ModelSpec:
     @property
     def moe_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if layer.moe is not None]
+
+    @property
+    def experts(self) -> ExpertSpace:
+        """The routed experts' key space: MoE layer index <-> model layer number, experts per layer."""
+        routers = {(ls.moe.router.n_experts, ls.moe.router.top_k) for ls in self.layers if ls.moe is not None}
+        if not routers:
+            raise ValueError("the model has no MoE layer")
+        if len(routers) != 1:
+            raise ValueError(f"MoE layers with different expert counts or top-k ({sorted(routers)}) are not supported")
+        (n_experts, top_k), = routers
+        return ExpertSpace.of(self.moe_layers, n_experts, top_k)
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,12 @@ from traces.format import Trace, TraceInfo, expert_dtype
 
 
 class TraceRecorder:
-    """Collects one batch's routing; `take()` returns it as numpy arrays."""
+    """Collects one batch's routing (a ForwardHooks); `take()` returns it as numpy arrays."""
 
     def __init__(self, model: MoETransformer):
         self.model = model
-        self.moe_layers = model.spec.moe_layers
-        self._ids: dict[int, torch.Tensor] = {}
+        self.n_layers = len(model.spec.moe_layers)
+        self._ids: dict[int, torch.Tensor] = {}  # MoE layer index -> [N, K]
         self._scores: dict[int, torch.Tensor] = {}
         self._spec: dict[int, torch.Tensor] = {}
 
@@ -41,17 +41,16 @@ class TraceRecorder:
         if speculated is not None:
             self._spec[speculated[0]] = speculated[1]
 
-    def on_route(self, layer: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
-        self._ids[layer], self._scores[layer] = ids, scores
+    def on_route(self, moe_layer: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
+        self._ids[moe_layer], self._scores[moe_layer] = ids, scores
 
     def take(self, sentinel: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(experts, scores, spec_experts), each [N, L, K]."""
-        ids = torch.stack([self._ids[layer] for layer in self.moe_layers], 1).cpu().numpy()
-        scores = torch.stack([self._scores[layer] for layer in self.moe_layers], 1).cpu().numpy()
+        ids = torch.stack([self._ids[j] for j in range(self.n_layers)], 1).cpu().numpy()
+        scores = torch.stack([self._scores[j] for j in range(self.n_layers)], 1).cpu().numpy()
         spec = np.full_like(ids, sentinel)
-        for j, layer in enumerate(self.moe_layers):
-            if layer in self._spec:
-                spec[:, j] = self._spec[layer].cpu().numpy()
+        for j, speculated in self._spec.items():
+            spec[:, j] = speculated.cpu().numpy()
         self._ids.clear()
         self._scores.clear()
         self._spec.clear()

@@ -21,14 +21,8 @@ from pathlib import Path
 from expert_store.budget import parse_budget
 from orchestrator.policies import POLICY_NAMES, PolicyInputs
 from orchestrator.report import format_table, plot
-from orchestrator.simulator import SimConfig, compare
-from predictor.baselines import (
-    ActivationMatrixPredictor,
-    FrequencyPredictor,
-    GateSpeculationPredictor,
-    TrueRoutes,
-    layer_frequency,
-)
+from orchestrator.simulator import SimConfig, compare, trace_inputs
+from predictor.baselines import ActivationMatrixPredictor, FrequencyPredictor, TrueRoutes, layer_frequency
 from predictor.learned import LearnedPredictor
 from predictor.online import OnlineConfig
 from traces.format import Trace, concat, load_trace
@@ -84,30 +78,30 @@ def add_subcommands(subparsers) -> None:
     q.set_defaults(orchestrator_command=_schedule)
 
 
-def _inputs(args: argparse.Namespace, train: Trace | None) -> PolicyInputs:
+def _inputs(args: argparse.Namespace, train: Trace | None, trace: Trace) -> PolicyInputs:
+    """What the policies may use on `trace`: peers fitted on `train` (same model), the learned predictor."""
     values: dict = {}
     missing: list[tuple[str, str]] = []
     if train is None:
-        missing += [(name, "needs --train-traces of this model") for name in ("frequency", "speculation", "activation")]
+        missing += [(name, "needs --train-traces of this model") for name in ("frequency", "activation")]
     else:
         values["frequency"] = layer_frequency(train)
-        values["speculation"] = GateSpeculationPredictor(train)
         values["activation"] = ActivationMatrixPredictor(train)
     if args.expertflow_predictor == "learned":
-        learned, why = _learned(args.predictor, args.online_correction)
+        token, why = _learned(args.predictor, args.online_correction)
+        if isinstance(token, LearnedPredictor) and token.model.layer_head is not None:
+            values["learned_layer"] = LearnedPredictor(token.model, layer_horizon=True)
     elif args.expertflow_predictor == "activation":
-        learned, why = values.get("activation"), dict(missing).get("activation")
+        token, why = values.get("activation"), "needs --train-traces of this model"
     elif args.expertflow_predictor == "true-routes":
-        learned, why = TrueRoutes(), None
+        token, why = TrueRoutes(), None
     else:
-        learned = FrequencyPredictor(train) if train is not None else None
+        token = FrequencyPredictor(train) if train is not None else None
         why = "needs --train-traces of this model"
-    if learned is None:
+    if token is None:
         missing.append(("learned", why or "unavailable"))
-    refiner = None
-    if isinstance(learned, LearnedPredictor) and learned.model.layer_head is not None:
-        refiner = LearnedPredictor(learned.model, layer_horizon=True)
-    return PolicyInputs(**values, learned=learned, learned_layer=refiner, unavailable=tuple(missing))
+    values["learned"] = token
+    return trace_inputs(trace, **values, unavailable=missing)
 
 
 def _learned(directory: Path | None, online: bool = False):
@@ -139,7 +133,7 @@ def _simulate(args: argparse.Namespace) -> int:
             trace = trace.of_domains(args.domains)
         if args.max_sequences:
             trace = trace.select(list(range(min(args.max_sequences, trace.n_sequences))))
-        inputs = _inputs(args, train.get(_shape(trace)))
+        inputs = _inputs(args, train.get(_shape(trace)), trace)
         for budget in budgets:
             config = SimConfig(
                 budget=budget,

@@ -15,12 +15,13 @@ import heapq
 import itertools
 from dataclasses import dataclass
 
-from orchestrator.planner import InFlight, Key
+from expert_store.keys import ExpertKey
+from expert_store.plan import InFlight
 
 
 @dataclass
 class _Entry:
-    key: Key
+    key: ExpertKey
     deadline_ms: float
     submitted_ms: float
     prefetch: bool  # issued before the key was needed (stays True if later promoted)
@@ -32,28 +33,28 @@ class _Entry:
 class CopyEngine:
     def __init__(self, transfer_ms: float):
         self.transfer_ms = transfer_ms
-        self._heap: list[tuple[bool, float, int, Key]] = []  # (not demand, deadline, seq, key)
-        self._queued: dict[Key, _Entry] = {}
+        self._heap: list[tuple[bool, float, int, ExpertKey]] = []  # (not demand, deadline, seq, key)
+        self._queued: dict[ExpertKey, _Entry] = {}
         self._current: _Entry | None = None
         self._free_at = 0.0
         self._seq = itertools.count()
         self.started = 0  # transfers started (bytes moved = started x expert bytes)
         self.started_prefetch = 0
 
-    def __contains__(self, key: Key) -> bool:
+    def __contains__(self, key: ExpertKey) -> bool:
         return key in self._queued or (self._current is not None and self._current.key == key)
 
     def __len__(self) -> int:
         return len(self._queued) + (self._current is not None)
 
-    def submit(self, key: Key, now_ms: float, deadline_ms: float, demand: bool) -> None:
+    def submit(self, key: ExpertKey, now_ms: float, deadline_ms: float, demand: bool) -> None:
         if key in self:
             raise RuntimeError(f"{key} is already being copied")
         entry = _Entry(key, deadline_ms, now_ms, not demand, demand, next(self._seq))
         self._queued[key] = entry
         heapq.heappush(self._heap, (not demand, deadline_ms, entry.seq, key))
 
-    def promote(self, key: Key) -> None:
+    def promote(self, key: ExpertKey) -> None:
         """A queued prefetch is needed now: serve it with the demand loads."""
         entry = self._queued.get(key)
         if entry is None or entry.demand:
@@ -61,16 +62,16 @@ class CopyEngine:
         entry.demand, entry.seq = True, next(self._seq)
         heapq.heappush(self._heap, (False, entry.deadline_ms, entry.seq, key))
 
-    def cancel(self, key: Key) -> bool:
+    def cancel(self, key: ExpertKey) -> bool:
         """Drop a queued transfer; False if it already started (or is unknown)."""
         return self._queued.pop(key, None) is not None
 
-    def last_prefetch(self, exclude: set[Key] | frozenset[Key]) -> Key | None:
+    def last_prefetch(self, exclude: set[ExpertKey] | frozenset[ExpertKey]) -> ExpertKey | None:
         """The queued prefetch that would be served last (to give up its slot), if any."""
         entries = [e for e in self._queued.values() if not e.demand and e.key not in exclude]
         return max(entries, key=lambda e: (e.deadline_ms, e.seq)).key if entries else None
 
-    def advance(self, to_ms: float) -> list[tuple[Key, float, bool]]:
+    def advance(self, to_ms: float) -> list[tuple[ExpertKey, float, bool]]:
         """Run the link until `to_ms`; returns (key, landed at, was a prefetch) of each transfer that landed."""
         landed = []
         while True:

@@ -24,6 +24,7 @@ The caller executes a plan in order: cancel, evict, then queue `fetch` behind an
 its queue earliest deadline first. Misses at execution time are the caller's (loaded at top priority).
 
 Not for: predicting routes (predictor/), moving bytes or owning slots (expert_store/), measuring time.
+The frozen types it trades in (`Plan`, `Transfer`, `InFlight`, `CacheView`) are expert_store/plan.py's.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-Key = tuple[int, int]  # (MoE layer index 0..L-1, expert); not the model's layer number
+from expert_store.keys import ExpertKey
+from expert_store.plan import CacheView, InFlight, Plan, Transfer
 
 _P_FLOOR = 1e-6  # keeps "never predicted" finite, so such keys still order by deadline
 
@@ -54,13 +56,6 @@ class PlanConfig:
 
 
 @dataclass(frozen=True)
-class InFlight:
-    key: Key
-    eta_ms: float  # when it is expected to land
-    started: bool  # already copying: it cannot be cancelled
-
-
-@dataclass(frozen=True)
 class PlanInput:
     """Everything the planner knows; arrays are read, never written. L = MoE layers, E = experts."""
 
@@ -73,7 +68,7 @@ class PlanInput:
     n_slots: int
     resident: np.ndarray  # [L, E] bool: landed in a slot
     in_flight: tuple[InFlight, ...] = ()  # slot taken, not landed: the copy queue, demand loads included
-    pinned: frozenset[Key] = field(default_factory=frozenset)  # never evicted nor cancelled (the running layer's)
+    pinned: frozenset[ExpertKey] = field(default_factory=frozenset)  # never evicted nor cancelled (the running layer's)
     # [L, E] per-token use rate after the next chance (e.g. recent routing); None: `probs` again. Only
     # eviction reads it: a key not predicted for the next chance but used every few tokens should stay.
     rate: np.ndarray | None = None
@@ -86,20 +81,25 @@ class PlanInput:
         if not 0 <= self.layer <= n_layers:
             raise ValueError(f"plan input: layer {self.layer} outside 0..{n_layers}")
 
-
-@dataclass(frozen=True)
-class Transfer:
-    key: Key
-    deadline_ms: float  # when its layer starts
-    eta_ms: float  # when it lands if the queue runs as planned
-    prob: float
-
-
-@dataclass(frozen=True)
-class Plan:
-    fetch: tuple[Transfer, ...] = ()  # earliest deadline first
-    cancel: tuple[Key, ...] = ()
-    evict: tuple[Key, ...] = ()  # resident keys to free, one per fetch that found no free slot
+    @classmethod
+    def of(
+        cls, view: CacheView, probs: np.ndarray, layer: int, next_start_ms: float, rate: np.ndarray | None = None
+    ) -> PlanInput:
+        """The input for planning with `probs` on the cache as `view` shows it."""
+        return cls(
+            probs=probs,
+            layer=layer,
+            next_start_ms=max(next_start_ms, view.now_ms),
+            now_ms=view.now_ms,
+            layer_ms=view.layer_ms,
+            transfer_ms=view.transfer_ms,
+            n_slots=view.n_slots,
+            resident=view.resident,
+            in_flight=view.in_flight,
+            pinned=view.pinned,
+            rate=rate,
+            link_busy=view.link_busy,
+        )
 
 
 def due_probabilities(current: np.ndarray, recent: np.ndarray | None, layer: int, weight: float) -> np.ndarray:
@@ -140,8 +140,8 @@ def plan(inp: PlanInput, config: PlanConfig = PlanConfig(), use_ms: np.ndarray |
     free = inp.n_slots - int(inp.resident.sum()) - len(inp.in_flight)
     # The queue is served in order, so new transfers land one transfer apart after the started ones.
     clock = max([f.eta_ms for f in inp.in_flight if f.started], default=inp.now_ms)
-    cancel: list[Key] = []
-    queue: list[tuple[float, float, bool, Key]] = []  # (deadline, -p, new, key)
+    cancel: list[ExpertKey] = []
+    queue: list[tuple[float, float, bool, ExpertKey]] = []  # (deadline, -p, new, key)
     flying = set()
     for f in inp.in_flight:
         flying.add(f.key)
@@ -156,14 +156,14 @@ def plan(inp: PlanInput, config: PlanConfig = PlanConfig(), use_ms: np.ndarray |
         else:
             queue.append((float(starts[f.key[0]]), -p, False, f.key))
     layers, experts = np.nonzero((probs > config.threshold) & ~inp.resident)
-    for key in zip(layers.tolist(), experts.tolist()):
+    for key in map(ExpertKey, layers.tolist(), experts.tolist()):
         if key not in flying:
             queue.append((float(starts[key[0]]), -float(probs[key]), True, key))
     queue.sort()
 
     fetch: list[Transfer] = []
-    evict: list[Key] = []
-    order: list[Key] | None = None  # resident keys, furthest expected use first; built when first needed
+    evict: list[ExpertKey] = []
+    order: list[ExpertKey] | None = None  # resident keys, furthest expected use first; built when first needed
     for deadline, neg_p, new, key in queue:
         eta = clock + inp.transfer_ms
         if eta > deadline + lateness and key not in inp.pinned:
@@ -197,16 +197,16 @@ def plan(inp: PlanInput, config: PlanConfig = PlanConfig(), use_ms: np.ndarray |
     return Plan(tuple(fetch), tuple(cancel), tuple(evict))
 
 
-def _eviction_order(inp: PlanInput, use: np.ndarray) -> list[Key]:
+def _eviction_order(inp: PlanInput, use: np.ndarray) -> list[ExpertKey]:
     layers, experts = np.nonzero(inp.resident)
     order = np.argsort(-use[layers, experts], kind="stable")
-    keys = [(int(layers[i]), int(experts[i])) for i in order]
+    keys = [ExpertKey(int(layers[i]), int(experts[i])) for i in order]
     return [k for k in keys if k not in inp.pinned]
 
 
 def _pick_victim(
-    order: list[Key],
-    key: Key,
+    order: list[ExpertKey],
+    key: ExpertKey,
     deadline: float,
     use: np.ndarray,
     starts: np.ndarray,

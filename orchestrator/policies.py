@@ -1,296 +1,203 @@
-"""Cache policies as the simulator replays them: one small interface, the peers' policies, a registry.
+"""The cache policies a user names (`--policy`): one registry for the engine, the simulator and the CLI.
+
+A policy is an eviction rule (expert_store/eviction.py) paired with an optional prefetcher
+(prefetcher.py); both run unchanged in the engine and in the simulator.
 
     ondemand    no reuse: load when routed, drop after use
     lru         least recently used goes first
     static      a static hot set: the experts most frequent in training pinned, LRU in the other slots
-    speculate   next-layer gate speculation (mixtral-offloading): once layer j routes, fetch layer
-                j+1's speculated experts; LRU eviction
-    activation  activation-matrix prediction (MoE-Infinity): at token start, fetch the likeliest experts
-                of every layer, nearest layer first; LRU eviction
-    belady      the offline optimum (MIN): evicts the key used furthest in the future, fetches nothing
-                early. Its bytes moved are a lower bound for every policy (prefetching cannot need
-                fewer copies), its hit rate an upper bound for the demand-only ones (ondemand, lru); a
-                prefetcher can hit more by copying earlier, and can stall less: Belady's stall is
-                that of a demand-only cache, not a bound
-    expertflow  (expertflow_policy.py) learned predictions through the planner
+    speculate   next-layer gate speculation (mixtral-offloading); LRU eviction
+    activation  activation-matrix prediction (MoE-Infinity); LRU eviction
+    expertflow  learned predictions through the deadline planner, eviction by predicted next use
+    belady      the offline optimum (MIN), simulator only: evicts the key used furthest in the future,
+                fetches nothing early. Its bytes moved are a lower bound for every policy (prefetching
+                cannot need fewer copies), its hit rate an upper bound for the demand-only ones (ondemand,
+                lru); a prefetcher can hit more by copying earlier, and can stall less
 
-A policy sees the cache through the simulator's `CacheView`, returns a `Plan` (what to fetch, cancel,
-evict) at token start and after each layer routes, and picks victims when a miss needs a slot.
-
-Not for: the live engine's policies (expert_store/policies.py, orchestrator/live_policy.py) or the
-clock (simulator.py).
+Not for: the policies' logic (eviction.py, peers.py, expertflow.py) or running them (simulator.py, the
+engine).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
-from abc import ABC, abstractmethod
-from collections import OrderedDict, defaultdict
-from collections.abc import Sequence, Set
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from collections import defaultdict
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from orchestrator.planner import Key, Plan, Transfer
-from predictor.base import RoutePredictor
+from expert_store.eviction import EvictionPolicy, Lru, OnDemand
+from expert_store.keys import ExpertKey
+from orchestrator.expertflow import ExpertFlow, ExpertFlowConfig
+from orchestrator.peers import Activation, HotSet, Speculate
+from orchestrator.prefetcher import Prefetcher
+from predictor.base import SessionPredictor
 from traces.format import Trace
 
-if TYPE_CHECKING:
-    from orchestrator.simulator import CacheView
+
+class PolicyUnavailable(ValueError):
+    """The policy cannot run here (an input is missing or does not fit): why."""
 
 
-class PolicyUnavailable(Exception):
-    """The policy cannot run here (a predictor is missing or does not support the trace): why."""
+@dataclass(frozen=True)
+class CachePolicy:
+    name: str
+    eviction: EvictionPolicy
+    prefetcher: Prefetcher | None = None
 
 
 @dataclass(frozen=True)
 class PolicyInputs:
-    """What prediction-driven policies may use, built by the caller from training traces only."""
+    """What the policies may use, built by the caller (the simulator's fitted on training traces only)."""
 
+    n_layers: int  # L: the model's MoE layers
+    n_experts: int  # E
+    top_k: int
     frequency: np.ndarray | None = None  # [L, E] training routing frequency (static hot set)
-    speculation: RoutePredictor | None = None  # horizon "layer" (GateSpeculationPredictor)
-    activation: RoutePredictor | None = None  # horizon "token" (ActivationMatrixPredictor)
-    learned: RoutePredictor | None = None  # horizon "token": what expertflow plans with
-    learned_layer: RoutePredictor | None = None  # horizon "layer": expertflow's refinement of the next layer
+    activation: SessionPredictor | None = None  # activation-matrix sessions
+    learned: SessionPredictor | None = None  # what expertflow plans with
+    speculation: bool = False  # the server computes next-layer gate speculation (a model; a trace that has it)
+    future: Trace | None = None  # the routing to come (belady: the simulator's replay only)
+    empty_per_sequence: bool = False  # belady: the cache is emptied when a sequence starts
+    expertflow: ExpertFlowConfig = ExpertFlowConfig()
     unavailable: tuple[tuple[str, str], ...] = ()  # (input name, why it could not be built)
 
-    def why_missing(self, name: str) -> str:
-        return dict(self.unavailable).get(name, f"no {name} predictor given")
+    def need(self, name: str, value):
+        if value is None or value is False:
+            raise PolicyUnavailable(dict(self.unavailable).get(name, _MISSING.get(name, f"no {name} given")))
+        if isinstance(value, SessionPredictor) and (value.n_layers, value.n_experts) != (self.n_layers, self.n_experts):
+            raise PolicyUnavailable(
+                f"the {name} predictor forecasts {value.n_layers} MoE layers x {value.n_experts} experts, "
+                f"the model has {self.n_layers} x {self.n_experts}"
+            )
+        return value
 
 
-class SimPolicy(ABC):
-    name: ClassVar[str]
-    keeps_experts: ClassVar[bool] = True  # False: a key leaves right after its layer used it
-
-    def supports(self, trace: Trace) -> str | None:
-        return None
-
-    def begin(self, trace: Trace, view: CacheView) -> None:
-        """Before the first token; `view` stays valid (and live) for the whole run."""
-        self.trace, self.view = trace, view
-
-    def begin_sequence(self, s: int) -> None:
-        """Sequence s starts (the cache is kept unless the simulator is told to empty it)."""
-
-    def begin_token(self, t: int) -> Plan | None:
-        """Token t (index in the sequence) enters the model; nothing has routed yet."""
-        return None
-
-    def after_route(self, t: int, layer: int, experts: Sequence[int]) -> Plan | None:
-        """MoE layer `layer` of token t routed to `experts` (misses are already queued); it computes next."""
-        return None
-
-    def on_load(self, key: Key) -> None:
-        """`key` got a slot (its copy is queued)."""
-
-    def on_use(self, key: Key) -> None:
-        """A layer used `key`."""
-
-    def on_evict(self, key: Key) -> None:
-        """`key` left its slot (evicted, or its queued copy cancelled)."""
-
-    @abstractmethod
-    def victim(self, protected: Set[Key]) -> Key | None:
-        """A landed key outside `protected` to evict, or None if there is none."""
+_MISSING = {
+    "frequency": "needs the training routing frequency (--train-traces of this model)",
+    "activation": "needs an activation-matrix predictor (--train-traces of this model)",
+    "learned": "needs a learned route predictor (--predictor DIR; train one with `expertflow train-predictor`)",
+    "speculation": "needs next-layer gate speculation (the trace lacks hidden states)",
+    "future": "knows the future: simulator only",
+}
 
 
-class OnDemand(SimPolicy):
-    name = "ondemand"
-    keeps_experts = False
-
-    def victim(self, protected: Set[Key]) -> Key | None:
-        layers, experts = np.nonzero(self.view.arrived)
-        return next((k for k in zip(layers.tolist(), experts.tolist()) if k not in protected), None)
-
-
-class Lru(SimPolicy):
-    name = "lru"
-
-    def __init__(self) -> None:
-        self._order: OrderedDict[Key, None] = OrderedDict()  # least recently touched first
-
-    def _touch(self, key: Key) -> None:
-        self._order[key] = None
-        self._order.move_to_end(key)
-
-    on_load = _touch
-    on_use = _touch
-
-    def on_evict(self, key: Key) -> None:
-        self._order.pop(key, None)
-
-    def victim(self, protected: Set[Key]) -> Key | None:
-        arrived = self.view.arrived
-        return next((k for k in self._order if k not in protected and arrived[k]), None)
-
-
-class Static(Lru):
-    """The `share` most frequent keys (over training) are loaded once and never leave."""
-
-    name = "static"
-
-    def __init__(self, frequency: np.ndarray, share: float = 0.75):
-        super().__init__()
-        self.frequency = frequency
-        self.share = share
-        self.pinned: frozenset[Key] = frozenset()
-        self._pending = True
-
-    def begin(self, trace: Trace, view: CacheView) -> None:
-        super().begin(trace, view)
-        free = max(trace.info.top_k, round((1 - self.share) * view.n_slots))  # a layer's misses must fit
-        n_pin = max(0, view.n_slots - free)
-        order = np.argsort(-self.frequency, axis=None, kind="stable")[:n_pin]
-        self.pinned = frozenset((int(i) // self.frequency.shape[1], int(i) % self.frequency.shape[1]) for i in order)
-
-    def begin_token(self, t: int) -> Plan | None:
-        if not self._pending:
-            return None
-        self._pending = False
-        hot = sorted(self.pinned, key=lambda k: -self.frequency[k])
-        return Plan(fetch=tuple(Transfer(k, self.view.now_ms, self.view.now_ms, 1.0) for k in hot))
-
-    def victim(self, protected: Set[Key]) -> Key | None:
-        return super().victim(protected | self.pinned if self.pinned else protected)
-
-
-class Speculate(Lru):
-    name = "speculate"
-
-    def __init__(self, predictor: RoutePredictor, threshold: float = 0.5):
-        super().__init__()
-        self.predictor = predictor
-        self.threshold = threshold
-
-    def supports(self, trace: Trace) -> str | None:
-        return self.predictor.supports(trace)
-
-    def begin_sequence(self, s: int) -> None:
-        self.probs = self.predictor.predict(self.trace, s)  # [T, L, E]
-
-    def after_route(self, t: int, layer: int, experts: Sequence[int]) -> Plan | None:
-        nxt = layer + 1
-        if nxt >= self.probs.shape[1]:
-            return None  # the next token's first layer is unknown until that token runs
-        p = self.probs[t, nxt]
-        picks = [e for e in np.argsort(-p, kind="stable").tolist() if p[e] > self.threshold]
-        now = self.view.now_ms
-        return Plan(fetch=tuple(Transfer((nxt, e), now, now, float(p[e])) for e in picks))
-
-
-class Activation(Lru):
-    """Per layer at most `per_layer` experts (default top_k) likelier than `threshold`, layer order."""
-
-    name = "activation"
-
-    def __init__(self, predictor: RoutePredictor, threshold: float = 0.1, per_layer: int | None = None):
-        super().__init__()
-        self.predictor = predictor
-        self.threshold = threshold
-        self.per_layer = per_layer
-
-    def supports(self, trace: Trace) -> str | None:
-        return self.predictor.supports(trace)
-
-    def begin_sequence(self, s: int) -> None:
-        self.probs = self.predictor.predict(self.trace, s)
-
-    def begin_token(self, t: int) -> Plan | None:
-        m = self.per_layer or self.trace.info.top_k
-        now = self.view.now_ms
-        fetch = []
-        for layer, p in enumerate(self.probs[t]):
-            for e in np.argsort(-p, kind="stable")[:m].tolist():
-                if p[e] > self.threshold:
-                    fetch.append(Transfer((layer, e), now, now, float(p[e])))
-        return Plan(fetch=tuple(fetch))
-
-
-class Belady(SimPolicy):
-    """Knows the whole replay: each key's use positions (token x L + layer), consumed in order.
+class Belady(Lru):
+    """MIN: the candidate used furthest in the future of `trace` (uses are consumed in replay order).
 
     Victims come from a max-heap of (next use, key) with stale entries skipped, since a scan of every
     resident key per miss is too slow for the larger traces."""
 
     name = "belady"
 
-    def begin(self, trace: Trace, view: CacheView) -> None:
-        super().begin(trace, view)
+    def __init__(self, trace: Trace, empty_per_sequence: bool = False) -> None:
+        super().__init__()
         n_layers = trace.experts.shape[1]
-        uses: dict[Key, list[int]] = defaultdict(list)
+        uses: dict[ExpertKey, list[int]] = defaultdict(list)
         for pos, row in enumerate(trace.experts.reshape(-1, trace.experts.shape[2]).tolist()):
             for e in row:
-                uses[(pos % n_layers, e)].append(pos)
+                uses[ExpertKey(pos % n_layers, e)].append(pos)
         self._uses = {k: v[::-1] for k, v in uses.items()}  # popped from the end: next use last
         self._seq_end = (trace.seq_offsets[1:] * n_layers).tolist()
-        self._s = 0
-        self._heap: list[tuple[float, Key]] = []  # (-next use, key)
-        self._pushed: dict[Key, float] = {}
+        self._empty_per_sequence = empty_per_sequence
+        self._now = 0  # position of the last use
+        self._heap: list[tuple[float, ExpertKey]] = []  # (-next use, key)
+        self._pushed: dict[ExpertKey, float] = {}
 
-    def begin_sequence(self, s: int) -> None:
-        self._s = s
-
-    def _next(self, key: Key) -> float:
+    def _next(self, key: ExpertKey) -> float:
         rest = self._uses.get(key)
         nxt = rest[-1] if rest else float("inf")
-        if self.view.empties_per_sequence and nxt >= self._seq_end[self._s]:
+        if self._empty_per_sequence and nxt >= self._seq_end[bisect.bisect_right(self._seq_end, self._now)]:
             return float("inf")
         return nxt
 
-    def _push(self, key: Key) -> None:
+    def _push(self, key: ExpertKey) -> None:
         nxt = self._next(key)
         self._pushed[key] = nxt
         heapq.heappush(self._heap, (-nxt, key))
 
-    def on_load(self, key: Key) -> None:
+    def on_load(self, key: ExpertKey) -> None:
+        super().on_load(key)
         self._push(key)
 
-    def on_use(self, key: Key) -> None:
-        self._uses[key].pop()
+    def on_use(self, key: ExpertKey) -> None:
+        super().on_use(key)
+        self._now = self._uses[key].pop()
         self._push(key)
 
-    def on_evict(self, key: Key) -> None:
+    def on_evict(self, key: ExpertKey) -> None:
+        super().on_evict(key)
         self._pushed.pop(key, None)
 
-    def victim(self, protected: Set[Key]) -> Key | None:
+    def victim(self, candidates: Collection[ExpertKey]) -> ExpertKey | None:
+        allowed = candidates if isinstance(candidates, (set, frozenset)) else set(candidates)
         aside, found = [], None
         while self._heap:
             neg, key = heapq.heappop(self._heap)
             if self._pushed.get(key) != -neg:
                 continue  # stale: used or evicted since
-            if key in protected or not self.view.arrived[key]:
-                aside.append((neg, key))
-                continue
-            found = key
             aside.append((neg, key))  # stays valid until on_evict drops it
-            break
+            if key in allowed:
+                found = key
+                break
         for item in aside:
             heapq.heappush(self._heap, item)
         return found
 
 
-def make_policy(name: str, inputs: PolicyInputs = PolicyInputs()) -> SimPolicy:
-    """A fresh policy by name; raises PolicyUnavailable (with the reason) when its predictor is missing."""
-    from orchestrator.expertflow_policy import ExpertFlow
-
-    def need(value, what: str):
-        if value is None:
-            raise PolicyUnavailable(inputs.why_missing(what))
-        return value
-
-    factories = {
-        "ondemand": OnDemand,
-        "lru": Lru,
-        "static": lambda: Static(need(inputs.frequency, "frequency")),
-        "speculate": lambda: Speculate(need(inputs.speculation, "speculation")),
-        "activation": lambda: Activation(need(inputs.activation, "activation")),
-        "expertflow": lambda: ExpertFlow(need(inputs.learned, "learned"), refiner=inputs.learned_layer),
-        "belady": Belady,
-    }
-    if name not in factories:
-        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
-    return factories[name]()
+def _ondemand(inputs: PolicyInputs) -> CachePolicy:
+    return CachePolicy("ondemand", OnDemand())
 
 
-POLICY_NAMES = ("ondemand", "lru", "static", "speculate", "activation", "expertflow", "belady")
+def _lru(inputs: PolicyInputs) -> CachePolicy:
+    return CachePolicy("lru", Lru())
+
+
+def _static(inputs: PolicyInputs) -> CachePolicy:
+    hot = HotSet(inputs.need("frequency", inputs.frequency), inputs.top_k)
+    return CachePolicy("static", hot.eviction, hot)
+
+
+def _speculate(inputs: PolicyInputs) -> CachePolicy:
+    inputs.need("speculation", inputs.speculation)
+    return CachePolicy("speculate", Lru(), Speculate())
+
+
+def _activation(inputs: PolicyInputs) -> CachePolicy:
+    return CachePolicy("activation", Lru(), Activation(inputs.need("activation", inputs.activation), inputs.top_k))
+
+
+def _expertflow(inputs: PolicyInputs) -> CachePolicy:
+    config = inputs.expertflow
+    if not inputs.speculation and config.speculation:
+        config = replace(config, speculation=False)
+    flow = ExpertFlow(inputs.need("learned", inputs.learned), config)
+    return CachePolicy("expertflow", flow.eviction, flow)
+
+
+def _belady(inputs: PolicyInputs) -> CachePolicy:
+    return CachePolicy("belady", Belady(inputs.need("future", inputs.future), inputs.empty_per_sequence))
+
+
+POLICIES: dict[str, Callable[[PolicyInputs], CachePolicy]] = {
+    "ondemand": _ondemand,
+    "lru": _lru,
+    "static": _static,
+    "speculate": _speculate,
+    "activation": _activation,
+    "expertflow": _expertflow,
+    "belady": _belady,
+}
+POLICY_NAMES = tuple(POLICIES)
+LIVE_POLICY_NAMES = tuple(n for n in POLICIES if n != "belady")  # what a server can run
+
+
+def make_policy(name: str, inputs: PolicyInputs) -> CachePolicy:
+    """A fresh policy by name (policies keep state); PolicyUnavailable says why one cannot run here."""
+    try:
+        build = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICY_NAMES)}") from None
+    return build(inputs)

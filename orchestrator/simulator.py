@@ -1,11 +1,13 @@
 """Replay routing traces through cache policies on a modelled clock: bytes moved, hit rate, stall.
 
-The model, per decode step (one token of one sequence; sequences replayed in trace order):
+The model, per decode step (one token of one sequence; sequences replayed in trace order, each sequence
+a request whose id is its index):
 
-    token start        the policy may plan (token-horizon predictions are known now)
+    token start        the prefetcher's begin_step (token-horizon predictions are known now)
     each MoE layer j   its route is known at once; landed keys hit, keys still being copied are late
                        (pulled forward to demand priority), other keys miss and are loaded at top
-                       priority into a free slot or one the policy frees; then the policy may plan;
+                       priority into a free slot or one the eviction policy frees; then the
+                       prefetcher's after_layer (with the trace's gate speculation for layer j+1);
                        the layer waits for all its keys (stall), then computes for `layer_ms`
     copy engine        one link: a transfer takes expert_bytes / bandwidth, one at a time, demand loads
                        first, prefetches by deadline (copy_engine.py)
@@ -16,19 +18,27 @@ The model, per decode step (one token of one sequence; sequences replayed in tra
 Compute does not overlap a layer's own misses (mixtral-offloading overlaps hits with them), so stall
 is a slight overestimate for every policy alike. Prefetches still unused at the end count as wasted.
 
+The policies are the engine's own (eviction policies, prefetchers, the registry in policies.py), called
+in the engine's order with the same `CacheView` snapshots; only the clock and the copy engine are modelled.
+
 Not for: the planner (planner.py), the policies (policies.py), tables and plots (report.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from expert_store.keys import ExpertKey
+from expert_store.plan import CacheView, Plan
 from orchestrator.copy_engine import CopyEngine
-from orchestrator.planner import InFlight, Key, Plan
-from orchestrator.policies import PolicyInputs, PolicyUnavailable, SimPolicy, make_policy
+from orchestrator.expertflow import ExpertFlowConfig
+from orchestrator.policies import CachePolicy, PolicyInputs, PolicyUnavailable, make_policy
+from orchestrator.prefetcher import LayerRoutes, StepRequest
+from predictor.base import SessionPredictor, TracePredictor
+from predictor.replay import ReplaySessions
 from traces.format import Trace
 
 
@@ -111,72 +121,79 @@ class SimResult:
         return out
 
 
-class CacheView:
-    """What a policy may read about the cache; the simulator updates it in place (policies never write)."""
+class _Replay:
+    """The simulated cache: what the engine's ExpertCache does, on a modelled clock. It makes the same
+    `CacheView` snapshots and executes plans the same way (cancel, evict, fetch), so a prefetcher or
+    eviction policy runs here exactly as it does live."""
 
-    def __init__(self, trace: Trace, config: SimConfig, engine: CopyEngine):
+    def __init__(self, trace: Trace, policy: CachePolicy, config: SimConfig):
+        self.trace, self.config = trace, config
+        self.eviction, self.prefetcher = policy.eviction, policy.prefetcher
+        self.engine = CopyEngine(config.transfer_ms)
         n_layers = len(trace.info.moe_layers)
         self.n_slots = config.n_slots(trace)
-        self.transfer_ms = config.transfer_ms
         self.layer_ms = (float(config.layer_ms),) * n_layers
-        self.empties_per_sequence = config.empty_per_sequence
         self.arrived = np.zeros((n_layers, trace.info.n_experts), bool)  # [L, E] landed in a slot
+        self.landed: set[ExpertKey] = set()  # the same, as keys
         self.now_ms = 0.0
-        self.pinned: frozenset[Key] = frozenset()  # the running layer's keys
+        self.pinned: frozenset[ExpertKey] = frozenset()  # the running layer's keys
         self.link_busy = 0.0  # share of recent time the link was copying (decayed over tokens)
-        self._engine = engine
-
-    def in_flight(self) -> tuple[InFlight, ...]:
-        return self._engine.pending(self.now_ms)
-
-    def ready_ms(self) -> float:
-        """When every pinned key will have landed, if the queue runs as planned."""
-        etas = [f.eta_ms for f in self.in_flight() if f.key in self.pinned]
-        return max(etas, default=self.now_ms)
-
-
-class _Replay:
-    def __init__(self, trace: Trace, policy: SimPolicy, config: SimConfig):
-        self.trace, self.policy, self.config = trace, policy, config
-        self.engine = CopyEngine(config.transfer_ms)
-        self.view = CacheView(trace, config, self.engine)
         self.used = 0  # slots taken: landed or being copied
-        self.unused_prefetch: set[Key] = set()
+        self.unused_prefetch: set[ExpertKey] = set()
         self.counts = dict(tokens=0, uses=0, hits=0, late=0, misses=0, prefetch_used=0)
         self.stall_ms = 0.0
         self._mark = (0.0, 0.0)  # (time, link busy time) when the last token started
+        spec = trace.spec_experts
+        self._speculate = (
+            self.prefetcher is not None and self.prefetcher.wants_speculation and spec is not None and n_layers > 1
+        )
+
+    def view(self) -> CacheView:
+        return CacheView(
+            now_ms=self.now_ms,
+            n_slots=self.n_slots,
+            resident=self.arrived.copy(),
+            in_flight=self.engine.pending(self.now_ms),
+            pinned=self.pinned,
+            layer_ms=self.layer_ms,
+            transfer_ms=self.config.transfer_ms,
+            link_busy=self.link_busy,
+        )
 
     def run(self) -> dict:
-        trace, policy, view = self.trace, self.policy, self.view
-        policy.begin(trace, view)
+        trace, prefetcher = self.trace, self.prefetcher
         for s in range(trace.n_sequences):
             if s and self.config.empty_per_sequence:
                 self._empty()
-            policy.begin_sequence(s)
-            for t, row in enumerate(trace.experts[trace.sequence(s)].tolist()):
-                self._advance(view.now_ms)
+            rid = str(s)
+            sl = trace.sequence(s)
+            for t, (token, row) in enumerate(zip(trace.tokens[sl].tolist(), trace.experts[sl].tolist())):
+                self._advance(self.now_ms)
                 self._measure_link()
-                view.pinned = frozenset()
-                self._execute(policy.begin_token(t), frozenset())
+                self.pinned = frozenset()
+                if prefetcher is not None:
+                    self._execute(prefetcher.begin_step([StepRequest(rid, (token,))], self.view()))
                 for j, experts in enumerate(row):
-                    self._layer(t, j, experts)
+                    self._layer(rid, sl.start + t, j, experts)
                 self.counts["tokens"] += 1
+            if prefetcher is not None:
+                prefetcher.finish([rid])
         return dict(
             **self.counts,
             prefetches=self.engine.started_prefetch,
             transfers=self.engine.started,
             stall_ms=self.stall_ms,
-            time_ms=view.now_ms,
+            time_ms=self.now_ms,
         )
 
-    def _layer(self, t: int, j: int, experts: list[int]) -> None:
-        view, engine, counts = self.view, self.engine, self.counts
-        self._advance(view.now_ms)
-        start = view.now_ms
-        keys = [(j, e) for e in experts]
-        view.pinned = protected = frozenset(keys)
+    def _layer(self, rid: str, row: int, j: int, experts: list[int]) -> None:
+        engine, counts = self.engine, self.counts
+        self._advance(self.now_ms)
+        start = self.now_ms
+        keys = [ExpertKey(j, e) for e in sorted(experts)]  # the engine's order: its experts by id
+        self.pinned = protected = frozenset(keys)
         for key in keys:
-            if view.arrived[key]:
+            if self.arrived[key]:
                 counts["hits"] += 1
             elif key in engine:
                 counts["late"] += 1
@@ -184,55 +201,63 @@ class _Replay:
             else:
                 counts["misses"] += 1
                 self._make_room(protected, wait=True)
-                self._load(key, view.now_ms, demand=True)
+                self._load(key, self.now_ms, demand=True)
         counts["uses"] += len(keys)
-        self._execute(self.policy.after_route(t, j, experts), protected)
-        while not all(view.arrived[k] for k in keys):
-            view.now_ms = max(view.now_ms, engine.next_landing())
-            self._advance(view.now_ms)
-        self.stall_ms += view.now_ms - start
+        if self.prefetcher is not None:
+            spec = None
+            if self._speculate and j + 1 < self.arrived.shape[0]:
+                guess = self.trace.spec_experts[row, j + 1]
+                spec = {rid: guess} if (guess != self.trace.sentinel).all() else None
+            routed = LayerRoutes(j, {rid: np.asarray(experts)[None]}, spec)
+            self._execute(self.prefetcher.after_layer(routed, self.view()))
+        while not all(self.arrived[k] for k in keys):
+            self.now_ms = max(self.now_ms, engine.next_landing())
+            self._advance(self.now_ms)
+        self.stall_ms += self.now_ms - start
         for key in keys:
             if key in self.unused_prefetch:
                 self.unused_prefetch.discard(key)
                 counts["prefetch_used"] += 1
-            self.policy.on_use(key)
-        view.now_ms += view.layer_ms[j]
-        if not self.policy.keeps_experts:
+            self.eviction.on_use(key)
+        self.now_ms += self.layer_ms[j]
+        if not self.eviction.keeps_experts:
             for key in keys:
                 self._evict(key)
 
     def _measure_link(self) -> None:
         """Update the link's busy share with the last token's: copies started over time elapsed."""
-        busy = self.engine.started * self.view.transfer_ms
-        elapsed = self.view.now_ms - self._mark[0]
+        busy = self.engine.started * self.config.transfer_ms
+        elapsed = self.now_ms - self._mark[0]
         if elapsed > 0:
             share = min(1.0, (busy - self._mark[1]) / elapsed)
-            self.view.link_busy += _LINK_WEIGHT * (share - self.view.link_busy)
-        self._mark = (self.view.now_ms, busy)
+            self.link_busy += _LINK_WEIGHT * (share - self.link_busy)
+        self._mark = (self.now_ms, busy)
 
-    def _execute(self, plan: Plan | None, protected: frozenset[Key]) -> None:
-        if plan is None:
+    def _execute(self, plan: Plan | None) -> None:
+        """As ExpertCache.execute: cancel, evict, then queue the fetches (slots taken now). The view here is
+        exact, so a plan that evicts a key the cache cannot give up is a prefetcher's bug."""
+        if not plan:
             return
         for key in plan.cancel:
-            if key not in protected and self.engine.cancel(key):
+            if key not in self.pinned and self.engine.cancel(key):
                 self._release(key)
         for key in plan.evict:
-            if key in protected or not self.view.arrived[key]:
-                raise RuntimeError(f"plan evicts {key}, which is not a landed, unprotected key")
+            if key in self.pinned or not self.arrived[key]:
+                raise RuntimeError(f"plan evicts {key}, which is not a landed, unpinned key")
             self._evict(key)
-        keep = protected | {f.key for f in plan.fetch}
+        keep = self.pinned | {f.key for f in plan.fetch}
         for f in plan.fetch:
-            if self.view.arrived[f.key] or f.key in self.engine:
+            if self.arrived[f.key] or f.key in self.engine:
                 continue
             if not self._make_room(keep, wait=False):
                 break
             self._load(f.key, f.deadline_ms, demand=False)
 
-    def _make_room(self, protected: frozenset[Key], wait: bool) -> bool:
+    def _make_room(self, protected: frozenset[ExpertKey], wait: bool) -> bool:
         """Free a slot if none is: a victim, else (for a miss) a queued prefetch, else the next landing."""
-        view = self.view
-        while self.used >= view.n_slots:
-            victim = self.policy.victim(protected)
+        while self.used >= self.n_slots:
+            candidates = self.landed - protected
+            victim = self.eviction.victim(candidates) if candidates else None
             if victim is not None:
                 self._evict(victim)
             elif not wait:
@@ -244,50 +269,51 @@ class _Replay:
                 landing = self.engine.next_landing()
                 if landing is None:
                     raise RuntimeError("no slot can be freed: every slot holds a key the running layer needs")
-                view.now_ms = max(view.now_ms, landing)
-                self._advance(view.now_ms)
+                self.now_ms = max(self.now_ms, landing)
+                self._advance(self.now_ms)
         return True
 
-    def _load(self, key: Key, deadline_ms: float, demand: bool) -> None:
+    def _load(self, key: ExpertKey, deadline_ms: float, demand: bool) -> None:
         self.used += 1
-        self.engine.submit(key, self.view.now_ms, deadline_ms, demand)
-        self.policy.on_load(key)
+        self.engine.submit(key, self.now_ms, deadline_ms, demand)
+        self.eviction.on_load(key)
 
-    def _evict(self, key: Key) -> None:
-        self.view.arrived[key] = False
+    def _evict(self, key: ExpertKey) -> None:
+        self.arrived[key] = False
+        self.landed.discard(key)
         self.unused_prefetch.discard(key)
         self._release(key)
 
-    def _release(self, key: Key) -> None:
+    def _release(self, key: ExpertKey) -> None:
         self.used -= 1
-        self.policy.on_evict(key)
+        self.eviction.on_evict(key)
 
     def _advance(self, to_ms: float) -> None:
         for key, _, prefetch in self.engine.advance(to_ms):
-            self.view.arrived[key] = True
+            self.arrived[key] = True
+            self.landed.add(key)
             if prefetch:
                 self.unused_prefetch.add(key)
 
     def _empty(self) -> None:
-        for f in self.engine.pending(self.view.now_ms):
+        for f in self.engine.pending(self.now_ms):
             if not f.started and self.engine.cancel(f.key):
                 self._release(f.key)
         while (landing := self.engine.next_landing()) is not None:
-            self.view.now_ms = max(self.view.now_ms, landing)
+            self.now_ms = max(self.now_ms, landing)
             self._advance(landing)
-        layers, experts = np.nonzero(self.view.arrived)
-        for key in zip(layers.tolist(), experts.tolist()):
+        for key in sorted(self.landed):
             self._evict(key)
 
 
-def _predictor_label(policy: SimPolicy) -> str:
+def _predictor_label(policy: CachePolicy) -> str:
     """What a predictive policy plans with, as tables name it (e.g. "learned+online")."""
-    predictor = getattr(policy, "predictor", None)
-    return getattr(predictor, "label", None) or getattr(predictor, "name", "")
+    sessions = getattr(policy.prefetcher, "sessions", None)
+    return getattr(sessions, "label", "") or ""
 
 
-def simulate(trace: Trace, policy: SimPolicy, config: SimConfig, label: str = "") -> SimResult:
-    """Replay `trace` through `policy` (a fresh instance: policies keep state)."""
+def simulate(trace: Trace, policy: CachePolicy, config: SimConfig, label: str = "") -> SimResult:
+    """Replay `trace` through `policy` (a fresh one: policies keep state)."""
     head = dict(
         policy=policy.name,
         trace=label or trace.info.model,
@@ -298,9 +324,6 @@ def simulate(trace: Trace, policy: SimPolicy, config: SimConfig, label: str = ""
         layer_ms=config.layer_ms,
         predictor=_predictor_label(policy),
     )
-    reason = policy.supports(trace)
-    if reason is not None:
-        return SimResult(**head, na=reason)
     return SimResult(**head, **_Replay(trace, policy, config).run())
 
 
@@ -308,11 +331,13 @@ def compare(
     trace: Trace,
     policies: Sequence[str],
     config: SimConfig,
-    inputs: PolicyInputs = PolicyInputs(),
+    inputs: PolicyInputs,
     label: str = "",
 ) -> list[SimResult]:
-    """Every named policy on the same trace and config; unavailable ones come back with `na` set."""
+    """Every named policy on the same trace and config; unavailable ones come back with `na` set.
+    Session predictors in `inputs` are shared by the runs: each run finishes every request it starts."""
     results = []
+    inputs = replace(inputs, empty_per_sequence=config.empty_per_sequence)
     for name in policies:
         try:
             policy = make_policy(name, inputs)
@@ -332,3 +357,42 @@ def compare(
             continue
         results.append(simulate(trace, policy, config, label))
     return results
+
+
+def trace_inputs(
+    trace: Trace,
+    learned: TracePredictor | SessionPredictor | None = None,
+    learned_layer: TracePredictor | None = None,
+    activation: TracePredictor | SessionPredictor | None = None,
+    frequency: np.ndarray | None = None,
+    unavailable: Sequence[tuple[str, str]] = (),
+    expertflow: ExpertFlowConfig = ExpertFlowConfig(),
+) -> PolicyInputs:
+    """PolicyInputs for replaying `trace`: its shape, its gate speculation if recorded, its future (belady).
+    Trace predictors are served through ReplaySessions (`learned_layer` refines `learned`'s next layer);
+    one that cannot run on this trace makes its policy unavailable, with the predictor's reason."""
+    missing = dict(unavailable)
+    sessions: dict[str, SessionPredictor | None] = {}
+    for name, token, layer in (("learned", learned, learned_layer), ("activation", activation, None)):
+        if token is None or isinstance(token, SessionPredictor):
+            sessions[name] = token
+            continue
+        reasons = [r for r in (p.supports(trace) for p in (token, layer) if p is not None) if r is not None]
+        if reasons:
+            missing[name] = reasons[0]
+            sessions[name] = None
+        else:
+            sessions[name] = ReplaySessions(trace, token, layer)
+    has_spec = trace.spec_experts is not None and not (trace.spec_experts[:, 1:] == trace.sentinel).all()
+    return PolicyInputs(
+        n_layers=len(trace.info.moe_layers),
+        n_experts=trace.info.n_experts,
+        top_k=trace.info.top_k,
+        frequency=frequency,
+        activation=sessions["activation"],
+        learned=sessions["learned"],
+        speculation=has_spec,
+        future=trace,
+        expertflow=expertflow,
+        unavailable=tuple(missing.items()),
+    )

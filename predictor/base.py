@@ -1,16 +1,20 @@
-"""The one interface every routing predictor implements: the learned one and the peers' baselines.
+"""The two interfaces of routing predictors: offline over recorded traces, online over live requests.
 
-A predictor gives, for each token of a sequence and each MoE layer, a probability per
-expert, using only what a server would know at the time:
+A prediction is, per token and MoE layer, a probability per expert, from what a server knows then:
 
-    horizon "token": when token t enters the model, from tokens <= t and the routes of
-                     tokens < t (all layers at once: the learned predictor, frequency,
-                     activation-matrix matching);
-    horizon "layer": when layer j-1 of token t has run, for layer j only (next-layer gate
-                     speculation, which needs that hidden state).
+    horizon "token": when token t enters the model, from tokens <= t and the routes of tokens < t
+                     (all layers at once: the learned predictor, frequency, activation-matrix matching);
+    horizon "layer": when MoE layer j-1 of token t has run, for layer j only (the learned layer head,
+                     next-layer gate speculation, which needs that layer's hidden state).
 
-Two ways to use it: `predict(trace, s)` replays a recorded sequence (evaluation, the
-simulator); `session()` follows one live request inside the engine.
+`TracePredictor` replays a recorded sequence whole: `predict(trace, s)` -> [T, L, E] (evaluation,
+training, the simulator's fast path). `SessionPredictor` follows the live requests of a batch, keyed by
+request id, with one call per step and one per MoE layer, so a predictor service can implement it
+over the network:
+
+    step({id: new tokens})               -> {id: [L, E]}   each request's next token, token horizon
+    layer(j, {id: routes}, {id: spec})   -> {id: [E]}      MoE layer j+1 of it, layer horizon
+    finish(ids)                                            requests that left the batch
 
 Not for: deciding what to fetch or evict (orchestrator/) or moving bytes (expert_store/).
 """
@@ -18,36 +22,17 @@ Not for: deciding what to fetch or evict (orchestrator/) or moving bytes (expert
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
 
 from traces.format import Trace
 
-
-class PredictorSession(ABC):
-    """Online prediction for one request, fed as the request runs."""
-
-    @abstractmethod
-    def observe_token(self, token_id: int) -> None:
-        """The next token entered the model (a prompt token or a sampled one)."""
-
-    @abstractmethod
-    def observe_route(self, layer_index: int, experts: list[int]) -> None:
-        """The token just observed was routed to `experts` at MoE layer number `layer_index` (0-based)."""
-
-    @abstractmethod
-    def predict(self) -> np.ndarray:
-        """[L, E] probabilities for the token observed last (call after observe_token)."""
-
-    def refine(self, layer_index: int, spec: list[int] | None = None) -> np.ndarray | None:
-        """[E] probabilities for MoE layer `layer_index` of the last token, given its routes observed so far
-        (layers < layer_index) and, if the server computed it, gate speculation's experts for that layer;
-        None where the predictor has no layer horizon. Call after predict() for the same token."""
-        return None
+RequestId = str
 
 
-class RoutePredictor(ABC):
+class TracePredictor(ABC):
     name: ClassVar[str]
     horizon: ClassVar[Literal["token", "layer"]] = "token"
 
@@ -55,9 +40,35 @@ class RoutePredictor(ABC):
     def predict(self, trace: Trace, s: int) -> np.ndarray:
         """[T, L, E] float32 probabilities for every token of sequence s of `trace`."""
 
-    def session(self) -> PredictorSession:
-        raise NotImplementedError(f"{self.name} has no online mode")
-
     def supports(self, trace: Trace) -> str | None:
         """None if this predictor can run on `trace`, else why not (e.g. the trace lacks hidden states)."""
         return None
+
+
+class SessionPredictor(ABC):
+    """Online predictions for the live requests of a batch. L = MoE layers, E = experts, K = top-k."""
+
+    n_layers: int
+    n_experts: int
+    label: str = ""  # what tables call it (e.g. "learned+online")
+
+    @abstractmethod
+    def step(self, tokens: Mapping[RequestId, Sequence[int]]) -> dict[RequestId, np.ndarray]:
+        """The tokens entering the model this step for each live request (its prompt at its first step, then
+        one token). Returns [L, E] P(expert used) for the last token of each request it can predict: one new
+        token whose predecessors' routes were all observed. Requests it cannot predict are left out."""
+
+    @abstractmethod
+    def layer(
+        self,
+        layer: int,
+        routes: Mapping[RequestId, np.ndarray],
+        speculation: Mapping[RequestId, np.ndarray] | None = None,
+    ) -> dict[RequestId, np.ndarray]:
+        """MoE layer `layer` routed this step's tokens: routes[id] is [T, K] (rows in token order). Returns
+        [E] for MoE layer `layer + 1` of each request's last token where the predictor has a layer horizon,
+        given `speculation[id]` ([K], best first: that layer's router on this layer's hidden state) where
+        the server computed it; empty otherwise."""
+
+    def finish(self, request_ids: Iterable[RequestId]) -> None:
+        """These requests left: forget them."""

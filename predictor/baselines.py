@@ -15,12 +15,13 @@ Not for: the learned predictor (model.py, learned.py) or scoring predictions (ev
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
-from predictor.base import RoutePredictor
+from predictor.base import RequestId, SessionPredictor, TracePredictor
 from traces.format import Trace
 
 
@@ -53,7 +54,7 @@ def layer_frequency(trace: Trace) -> np.ndarray:
     return (counts[:, :n_exp] / max(len(trace.tokens), 1)).astype(np.float32)
 
 
-class FrequencyPredictor(RoutePredictor):
+class FrequencyPredictor(TracePredictor):
     name: ClassVar[str] = "frequency"
     horizon = "token"
 
@@ -65,7 +66,7 @@ class FrequencyPredictor(RoutePredictor):
         return np.broadcast_to(self.freq, (n,) + self.freq.shape).copy()
 
 
-class TrueRoutes(RoutePredictor):
+class TrueRoutes(TracePredictor):
     """Not a predictor: each token's actual routes, read from the trace being replayed. For bounds only
     (what the planner would reach if the token-horizon prediction were perfect); never for evaluation."""
 
@@ -76,7 +77,7 @@ class TrueRoutes(RoutePredictor):
         return multi_hot(trace.experts[trace.sequence(s)], trace.info.n_experts)
 
 
-class GateSpeculationPredictor(RoutePredictor):
+class GateSpeculationPredictor(TracePredictor):
     """Probability 1 for the speculated experts, at most `epsilon` for the rest (scaled by training frequency,
     so that a top-2k cut beyond the speculated experts is not decided by expert id); the first MoE layer has no
     earlier hidden state, so it falls back to the training frequency (mixtral-offloading loads it on demand)."""
@@ -112,7 +113,7 @@ class MatchConfig:
     own_weight_tokens: float = 32.0  # own counts get weight t / (t + this): trust the request once it has history
 
 
-class ActivationMatrixPredictor(RoutePredictor):
+class ActivationMatrixPredictor(TracePredictor):
     """MoE-Infinity's expert activation matrix (EAM) matching at token horizon.
 
     Each training sequence is stored as its [L, E] activation counts divided by its length. For token t of
@@ -147,11 +148,82 @@ class ActivationMatrixPredictor(RoutePredictor):
         out[0] = self.freq.ravel()  # nothing to match before the first route
         for start in range(1, len(own), cfg.match_every):
             stop = min(start + cfg.match_every, len(own))
-            query = own[start]
-            sim = self.stored_unit @ (query / max(float(np.linalg.norm(query)), 1e-12))
-            best = np.argpartition(-sim, min(cfg.top_matches, len(sim) - 1))[: cfg.top_matches]
-            weights = np.maximum(sim[best], 1e-6)
-            matched = weights @ self.stored[best] / weights.sum()  # [L*E], rows sum to top_k
+            matched = self.match(own[start])
             alpha = seen[start:stop] / (seen[start:stop] + cfg.own_weight_tokens)
             out[start:stop] = alpha * own[start:stop] / seen[start:stop] + (1 - alpha) * matched
         return np.clip(out, 0.0, 1.0).reshape(-1, n_layers, n_exp)
+
+    def match(self, own: np.ndarray) -> np.ndarray:
+        """[L*E] the stored matrices most like a request's own counts `own` [L*E], mixed by similarity."""
+        cfg = self.config
+        sim = self.stored_unit @ (own / max(float(np.linalg.norm(own)), 1e-12))
+        best = np.argpartition(-sim, min(cfg.top_matches, len(sim) - 1))[: cfg.top_matches]
+        weights = np.maximum(sim[best], 1e-6)
+        return weights @ self.stored[best] / weights.sum()  # rows sum to top_k
+
+    def sessions(self) -> ActivationSessions:
+        return ActivationSessions(self)
+
+
+class ActivationSessions(SessionPredictor):
+    """The activation-matrix predictor following live requests: what `predict` gives for a recorded one."""
+
+    label = "activation-matrix"
+
+    def __init__(self, matcher: ActivationMatrixPredictor) -> None:
+        self.matcher = matcher
+        self.n_layers, self.n_experts = matcher.freq.shape
+        self._rows: dict[RequestId, list[np.ndarray]] = {}  # per token: [L*E] its routes (filled per layer)
+        self._matched: dict[RequestId, tuple[int, np.ndarray]] = {}  # (block start, matched)
+        self._summed: dict[RequestId, tuple[int, np.ndarray]] = {}  # (n, counts over tokens < n)
+
+    def step(self, tokens: Mapping[RequestId, Sequence[int]]) -> dict[RequestId, np.ndarray]:
+        out = {}
+        for rid, new in tokens.items():
+            rows = self._rows.setdefault(rid, [])
+            t = len(rows)  # tokens before the first new one, all routed
+            rows.extend(np.zeros(self.n_layers * self.n_experts, np.float32) for _ in new)
+            if len(new) == 1:
+                out[rid] = self._predict(rid, t)
+        return out
+
+    def _predict(self, rid: RequestId, t: int) -> np.ndarray:
+        if t == 0:
+            return np.clip(self.matcher.freq, 0.0, 1.0)
+        cfg, rows = self.matcher.config, self._rows[rid]
+        start = 1 + (t - 1) // cfg.match_every * cfg.match_every  # matched once per block, as `predict` does
+        if self._matched.get(rid, (None,))[0] != start:
+            self._matched[rid] = (start, self.matcher.match(self._own(rid, start)))
+        alpha = t / (t + cfg.own_weight_tokens)
+        probs = alpha * self._own(rid, t) / t + (1 - alpha) * self._matched[rid][1]
+        return np.clip(probs, 0.0, 1.0).reshape(self.n_layers, self.n_experts).astype(np.float32)
+
+    def _own(self, rid: RequestId, t: int) -> np.ndarray:
+        """[L*E] the request's counts over its tokens < t, summed on from the last call (t never decreases
+        by more than a block, so the running sum is rebuilt only then)."""
+        n, total = self._summed.get(rid, (0, None))
+        if total is None or n > t:
+            n, total = 0, np.zeros(self.n_layers * self.n_experts, np.float64)
+        for row in self._rows[rid][n:t]:
+            total = total + row
+        self._summed[rid] = (t, total)
+        return total
+
+    def layer(
+        self,
+        layer: int,
+        routes: Mapping[RequestId, np.ndarray],
+        speculation: Mapping[RequestId, np.ndarray] | None = None,
+    ) -> dict[RequestId, np.ndarray]:
+        for rid, experts in routes.items():
+            rows = self._rows[rid]
+            for row, picked in zip(rows[len(rows) - len(experts) :], experts):
+                ids = np.asarray(picked, np.int64)
+                row[layer * self.n_experts + ids[ids < self.n_experts]] = 1.0
+        return {}  # token horizon only
+
+    def finish(self, request_ids: Iterable[RequestId]) -> None:
+        for rid in request_ids:
+            self._rows.pop(rid, None)
+            self._matched.pop(rid, None)
+            self._summed.pop(rid, None)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from predictor.base import RoutePredictor
+from predictor.base import TracePredictor
 from traces.format import Trace
 
 N_BINS = 10
@@ -91,7 +91,7 @@ def summarize(c: _Counts, k: int, n_experts: int, moe_layers: tuple[int, ...]) -
     return {"tokens": c.tokens, "mean": mean, "layers": layers}
 
 
-def evaluate(predictor: RoutePredictor, trace: Trace, label: str | None = None) -> dict:
+def evaluate(predictor: TracePredictor, trace: Trace, label: str | None = None) -> dict:
     """recall@k, recall@2k, precision@2k and ECE of `predictor` on every sequence of `trace`."""
     head = {"name": label or predictor.name, "horizon": predictor.horizon, "k": trace.info.top_k}
     reason = predictor.supports(trace)

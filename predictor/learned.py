@@ -1,8 +1,9 @@
-"""The learned predictor as a RoutePredictor: replay a recorded sequence, or follow one live request.
+"""The learned predictor offline (`LearnedPredictor`, a TracePredictor) and online (`LearnedSessions`).
 
 Both paths read a sequence in the same windows of the model's context (token t is predicted from the
 window starting at `window_start(t)`, which gives it at least half a context of history), so a session
-fed a recorded sequence token by token predicts what `predict(trace, s)` does for it.
+fed a recorded sequence token by token predicts what `predict(trace, s)` does for it. `LearnedSession`
+follows one request; `LearnedSessions` keeps one per request id behind the batched SessionPredictor calls.
 
 With `online` set, the model's probabilities pass through the request's OnlineCorrector (online.py).
 
@@ -11,13 +12,14 @@ Not for: the network or its checkpoints (model.py), training (train.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
 
-from predictor.base import PredictorSession, RoutePredictor
+from predictor.base import RequestId, SessionPredictor, TracePredictor
 from predictor.baselines import multi_hot, ranked_hot
 from predictor.model import RouteTransformer, load_model
 from predictor.online import OnlineConfig, OnlineCorrector, correct_sequence
@@ -69,7 +71,7 @@ def sequence_probs(
     return out
 
 
-class LearnedPredictor(RoutePredictor):
+class LearnedPredictor(TracePredictor):
     name: ClassVar[str] = "learned"
     horizon = "token"
 
@@ -103,11 +105,12 @@ class LearnedPredictor(RoutePredictor):
         probs = sequence_probs(self.model, trace.tokens[sl].astype(np.int64), experts, spec, self.layer_horizon)
         return probs if self.online is None else correct_sequence(probs, experts, self.online)
 
-    def session(self) -> PredictorSession:
-        return LearnedSession(self.model, self.online)
+    def sessions(self) -> LearnedSessions:
+        """The same model following live requests (token and, with a layer head, layer horizon)."""
+        return LearnedSessions(self.model, self.online, self.label)
 
 
-class LearnedSession(PredictorSession):
+class LearnedSession:
     """One request's token and route history. predict() extends the transformer's key/value cache by the new
     token (rereading the whole window only when a new window starts, every half context), and refine(j)
     reuses that pass's state for the layer head."""
@@ -127,11 +130,13 @@ class LearnedSession(PredictorSession):
         self._encoded = None  # refine() needs this token's predict() first
         self.routes.append(np.zeros(self.model.cfg.moe_layers * self.model.cfg.n_experts, np.float32))
 
-    def observe_route(self, layer_index: int, experts: list[int]) -> None:
-        if not self.tokens:
-            raise RuntimeError("observe_route before any observe_token")
+    def observe_route(self, layer_index: int, experts: list[int], back: int = 0) -> None:
+        """The token observed `back` tokens before the last was routed to `experts` at MoE layer `layer_index`
+        (a prompt's routes arrive after all its tokens). Each token's routes are observed in token order."""
+        if len(self.tokens) <= back:
+            raise RuntimeError("observe_route for a token not observed yet")
         e = self.model.cfg.n_experts
-        self.routes[-1][layer_index * e + np.asarray(experts, np.int64)] = 1.0
+        self.routes[-1 - back][layer_index * e + np.asarray(experts, np.int64)] = 1.0
         if self.corrector is not None:
             self.corrector.observe(layer_index, experts)
 
@@ -178,3 +183,53 @@ class LearnedSession(PredictorSession):
         with torch.inference_mode():
             refined = head.one_layer(layer_index, state, logits, routes, hot)
         return self.model.probabilities(refined).float().cpu().numpy()
+
+
+class LearnedSessions(SessionPredictor):
+    """One LearnedSession per live request; a request's first step may bring its whole prompt."""
+
+    def __init__(self, model: RouteTransformer, online: OnlineConfig | None = None, label: str = "learned") -> None:
+        self.model = model
+        self.online = online
+        self.label = label
+        self.n_layers, self.n_experts = model.cfg.moe_layers, model.cfg.n_experts
+        self._sessions: dict[RequestId, LearnedSession] = {}
+        self._new: dict[RequestId, int] = {}  # tokens each request brought this step
+
+    def step(self, tokens: Mapping[RequestId, Sequence[int]]) -> dict[RequestId, np.ndarray]:
+        out = {}
+        self._new = {}
+        for rid, new in tokens.items():
+            session = self._sessions.get(rid)
+            if session is None:
+                session = self._sessions[rid] = LearnedSession(self.model, self.online)
+            for token in new:
+                session.observe_token(token)
+            self._new[rid] = len(new)
+            if len(new) == 1:
+                out[rid] = np.clip(session.predict(), 0.0, 1.0)
+        return out
+
+    def layer(
+        self,
+        layer: int,
+        routes: Mapping[RequestId, np.ndarray],
+        speculation: Mapping[RequestId, np.ndarray] | None = None,
+    ) -> dict[RequestId, np.ndarray]:
+        out = {}
+        refine = self.model.layer_head is not None and layer + 1 < self.n_layers
+        for rid, rows in routes.items():
+            session = self._sessions[rid]
+            for back, experts in zip(range(len(rows) - 1, -1, -1), rows):
+                session.observe_route(layer, [int(e) for e in experts], back)
+            if refine and self._new.get(rid) == 1:
+                spec = None if speculation is None or rid not in speculation else speculation[rid].tolist()
+                refined = session.refine(layer + 1, spec)
+                if refined is not None:
+                    out[rid] = np.clip(refined, 0.0, 1.0)
+        return out
+
+    def finish(self, request_ids: Iterable[RequestId]) -> None:
+        for rid in request_ids:
+            self._sessions.pop(rid, None)
+            self._new.pop(rid, None)

@@ -1,18 +1,27 @@
-"""The expert store, residency bookkeeping, policies and the device cache, on CPU."""
+"""The expert store, residency bookkeeping, eviction policies and the device cache executing plans, on CPU."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from expert_store.checkpoint import CheckpointFiles
 from expert_store.device_cache import ExpertCache
+from expert_store.eviction import Lru, NextUse, OnDemand, Pinned
+from expert_store.keys import ExpertKey
 from expert_store.layout import ExpertLayout
-from expert_store.policies import LruPolicy, OnDemandPolicy, make_policy
+from expert_store.plan import Plan, Transfer
 from expert_store.residency import Residency
 from expert_store.store import LocalExpertStore, Tier
 from expert_store.transfer import CpuCopier
 from expertflow.families import family_for
+from orchestrator.policies import make_policy, PolicyInputs
+
+
+def fetch(*keys) -> Plan:
+    """A plan fetching `keys` in this order, all due now."""
+    return Plan(fetch=tuple(Transfer(ExpertKey(*k), 0.0, 0.0, 1.0) for k in keys))
 
 
 def test_layout_pack_and_views_round_trip():
@@ -41,14 +50,29 @@ def test_residency_bookkeeping():
 
 
 def test_lru_evicts_least_recently_used():
-    lru = LruPolicy()
+    lru = Lru()
     for key in [(0, 0), (0, 1), (0, 2)]:
         lru.on_use(key)
     lru.on_use((0, 0))
     assert lru.victim([(0, 0), (0, 1), (0, 2)]) == (0, 1)
     assert lru.victim([(0, 0), (0, 2)]) == (0, 2)
     with pytest.raises(ValueError, match="unknown cache policy 'mru'"):
-        make_policy("mru")
+        make_policy("mru", PolicyInputs(1, 8, 2))
+
+
+def test_pinned_and_next_use_eviction():
+    pinned = Pinned(keep={(0, 1)})
+    for key in [(0, 1), (0, 2), (0, 3)]:
+        pinned.on_load(key)
+    assert pinned.victim({(0, 1), (0, 2), (0, 3)}) == (0, 2) and pinned.victim({(0, 1)}) is None
+    nxt = NextUse()
+    for key in [(0, 0), (0, 1), (1, 0)]:
+        nxt.on_load(key)
+    assert nxt.victim({(0, 1), (1, 0)}) == (0, 1)  # no prediction yet: LRU
+    nxt.use = np.array([[5.0, 1.0], [9.0, 9.0]])
+    assert nxt.victim({(0, 0), (0, 1), (1, 0)}) == (1, 0)  # furthest predicted use
+    nxt.use = np.array([[5.0, 5.0], [1.0, 1.0]])
+    assert nxt.victim({(0, 1), (0, 0)}) == (0, 0)  # equal: the least recently touched
 
 
 def _store(directory, host_budget):
@@ -76,7 +100,7 @@ def test_store_places_experts_by_host_budget(mixtral_dir):
 
 def test_cache_with_one_slot_serves_every_expert_in_turn(mixtral_dir):
     files, store, _ = _store(mixtral_dir, host_budget=0)
-    cache = ExpertCache(store, 1, torch.device("cpu"), LruPolicy(), CpuCopier())
+    cache = ExpertCache(store, 1, torch.device("cpu"), Lru(), CpuCopier())
     base = cache.slots.data_ptr()
     seen = []
     for expert, gate_up, down in cache.acquire(1, [3, 5, 0]):
@@ -93,21 +117,22 @@ def test_cache_with_one_slot_serves_every_expert_in_turn(mixtral_dir):
     store.close()
 
 
-def test_prefetch_loads_without_evicting_protected(mixtral_dir):
+def test_prefetch_loads_without_evicting_the_running_layers_experts(mixtral_dir):
     files, store, _ = _store(mixtral_dir, host_budget=10**9)
-    cache = ExpertCache(store, 2, torch.device("cpu"), LruPolicy(), CpuCopier())
-    list(cache.acquire(0, [1]))
-    cache.prefetch([(0, 2), (0, 3)], protected=frozenset({(0, 1)}))
+    cache = ExpertCache(store, 2, torch.device("cpu"), Lru(), CpuCopier())
+    cache.demand(0, [1])  # layer 0 routed to expert 1: pinned until it has run
+    cache.execute(fetch((0, 2), (0, 3)))
     assert set(cache.residency.resident()) == {(0, 1), (0, 2)}
     assert cache.stats.prefetches == 1
+    list(cache.acquire(0, [1]))
     list(cache.acquire(0, [2]))
-    assert cache.stats.hits == 1
+    assert cache.stats.hits == 1 and cache.stats.prefetch_used == 1
     store.close()
 
 
 def test_ondemand_keeps_nothing(mixtral_dir):
     files, store, _ = _store(mixtral_dir, host_budget=10**9)
-    cache = ExpertCache(store, 4, torch.device("cpu"), OnDemandPolicy(), CpuCopier())
+    cache = ExpertCache(store, 4, torch.device("cpu"), OnDemand(), CpuCopier())
     list(cache.acquire(0, [1, 2]))
     list(cache.acquire(0, [1, 2]))
     assert len(cache.residency) == 0 and cache.stats.hits == 0 and cache.stats.misses == 4
@@ -141,31 +166,67 @@ class _SlowCopier(CpuCopier):
         return ready is None or self.done
 
 
-def test_prefetch_queue_issues_a_few_at_a_time_cancels_and_yields_to_demand(mixtral_dir):
+def test_plan_queue_issues_a_few_at_a_time_cancels_and_yields_to_demand(mixtral_dir):
     files, store, _ = _store(mixtral_dir, host_budget=10**9)
     copier = _SlowCopier()
-    cache = ExpertCache(store, 8, torch.device("cpu"), LruPolicy(), copier, max_inflight=2)
-    cache.prefetch([(0, 1), (0, 2), (1, 3), (1, 4), (2, 5)])
-    assert sorted(cache.residency.resident()) == [(0, 1), (0, 2)]  # two copying, three queued
-    assert cache.stats.prefetches == 2
-    cache.prefetch([(0, 1), (0, 2), (2, 5)])  # (1, 3) and (1, 4) are no longer wanted
-    assert cache.stats.prefetch_cancelled == 2 and (2, 5) not in cache.residency
+    cache = ExpertCache(store, 8, torch.device("cpu"), Lru(), copier, max_inflight=2)
+    cache.execute(fetch((0, 1), (0, 2), (1, 3), (1, 4), (2, 5)))
+    assert [cache.state(k) for k in [(0, 1), (0, 2), (1, 3), (2, 5)]] == ["copying", "copying", "queued", "queued"]
+    assert len(cache.residency) == 5 and cache.stats.prefetches == 2  # slots taken when planned
+    view = cache.view()
+    assert [(f.key, f.started) for f in view.in_flight] == [
+        ((0, 1), True), ((0, 2), True), ((1, 3), False), ((1, 4), False), ((2, 5), False)
+    ]
+    assert all(a.eta_ms < b.eta_ms for a, b in zip(view.in_flight, view.in_flight[1:]))  # one copy after another
+    cache.execute(Plan(cancel=((1, 3), (1, 4))))  # no longer wanted: dropped before they start
+    assert cache.stats.prefetch_cancelled == 2 and cache.state((1, 3)) == "absent" and cache.state((2, 5)) == "queued"
     assert [e for e, *_ in cache.acquire(1, [4])] == [4]  # a demand load does not wait for the queue
-    assert cache.stats.misses == 1 and (2, 5) not in cache.residency
+    assert cache.stats.misses == 1 and cache.state((2, 5)) == "queued"
     copier.done = True  # the copies landed: the queue moves on at the next call
     assert [e for e, *_ in cache.acquire(0, [1])] == [1]
-    assert (2, 5) in cache.residency and cache.stats.prefetches == 3 and cache.stats.prefetch_used == 1
+    assert cache.state((2, 5)) == "landed" and cache.stats.prefetches == 3 and cache.stats.prefetch_used == 1
+    assert cache.stats.hits == 1
     copier.done = False
-    cache.prefetch([(2, 6), (2, 7)])
-    assert [e for e, *_ in cache.acquire(2, [7])] == [7]  # queued, then demanded: loaded now, not twice
-    assert cache.stats.misses == 2 and cache.stats.prefetches == 4  # (2, 6) went out, (2, 7) on demand
+    cache.execute(fetch((2, 6), (2, 7), (0, 5)))
+    assert cache.state((2, 7)) == "copying" and cache.state((0, 5)) == "queued"
+    moved = cache.stats.bytes_moved
+    assert [e for e, *_ in cache.acquire(0, [5])] == [5]  # queued, then demanded: loaded now, not twice
+    assert cache.stats.late == 1 and cache.stats.misses == 1 and cache.stats.bytes_moved == moved + store.layout.nbytes
+    # A cancel never drops a copy already under way, nor the running layer's.
+    cache.execute(Plan(cancel=((2, 6),)))
+    assert cache.state((2, 6)) == "copying"
+    cache.demand(1, [6])
+    cache.execute(fetch((1, 7)))
+    cache.execute(Plan(cancel=((1, 7),)))
+    assert cache.state((1, 7)) == "absent" and cache.view().pinned == {(1, 6)}
     store.close()
 
 
-def test_prefetch_never_evicts_a_listed_resident_key(mixtral_dir):
+def test_plan_never_evicts_a_fetched_resident_key(mixtral_dir):
     files, store, _ = _store(mixtral_dir, host_budget=10**9)
-    cache = ExpertCache(store, 2, torch.device("cpu"), LruPolicy(), CpuCopier())
-    cache.prefetch([(0, 0), (0, 1)])
-    cache.prefetch([(0, 0), (1, 5)])  # (0, 0) is wanted first: (0, 1) must make room, not (0, 0)
+    cache = ExpertCache(store, 2, torch.device("cpu"), Lru(), CpuCopier())
+    cache.execute(fetch((0, 0), (0, 1)))
+    cache.execute(fetch((0, 0), (1, 5)))  # (0, 0) is wanted first: (0, 1) must make room, not (0, 0)
     assert sorted(cache.residency.resident()) == [(0, 0), (1, 5)]
+    cache.execute(Plan(evict=((1, 5),)))  # an explicit eviction frees the slot
+    assert sorted(cache.residency.resident()) == [(0, 0)]
+    store.close()
+
+
+def test_store_stages_nvme_experts_asynchronously(mixtral_dir):
+    files, store, _ = _store(mixtral_dir, host_budget=0)
+    out = torch.empty(store.layout.padded_numel)
+    staged = store.stage(ExpertKey(2, 7), out)
+    assert staged.wait() is Tier.NVME and staged.done()
+    reference = torch.empty(store.layout.padded_numel)
+    store.read_into(ExpertKey(2, 7), reference)
+    assert torch.equal(out, reference)
+    # Through the cache: the read starts when the copy is queued, the layer waits only at its use.
+    cache = ExpertCache(store, 4, torch.device("cpu"), Lru(), CpuCopier())
+    cache.execute(fetch((1, 2), (1, 3)))
+    got = {e: gate_up.clone() for e, gate_up, _ in cache.acquire(1, [3, 2])}
+    for e in (2, 3):
+        store.read_into(ExpertKey(1, e), reference)
+        assert torch.equal(got[e], store.layout.views(reference)[0])
+    assert cache.stats.bytes_from_nvme == 2 * store.layout.nbytes and cache.stats.late + cache.stats.hits == 2
     store.close()

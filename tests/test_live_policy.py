@@ -1,53 +1,60 @@
-"""The ExpertFlow policy in the live engine: predictions drive prefetches; outputs never change."""
+"""The prefetchers in the live engine: predictions drive prefetches, outputs never change, and the engine
+runs the very policy code the simulator runs (the parity test replays one trace through both)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
+
 import numpy as np
 import pytest
+import torch
 
 from conftest import prompt_ids
+from expert_store.plan import CacheView, Plan
+from expert_store.timing import FixedTiming
 from expertflow.engine import Engine, SamplingParams
-from expertflow.loader import LoadOptions, load
-from orchestrator.live_policy import ExpertFlowPolicy, LivePlanConfig
+from expertflow.loader import LoadOptions, load, policy_inputs
+from expertflow.trace import TraceRecorder
+from orchestrator.expertflow import ExpertFlow, ExpertFlowConfig
 from orchestrator.planner import PlanConfig
-from predictor.base import PredictorSession, RoutePredictor
+from orchestrator.policies import CachePolicy, make_policy
+from orchestrator.prefetcher import LayerRoutes, Prefetcher, StepRequest
+from orchestrator.simulator import SimConfig, simulate, trace_inputs
+from predictor.base import RequestId, SessionPredictor
+from traces.format import Trace, TraceInfo
 
 
-class _RepeatLastSession(PredictorSession):
-    """Predicts that a token routes like the previous token did (a fair guess for tests)."""
-
-    def __init__(self, layers: int, experts: int):
-        self.last = np.zeros((layers, experts), np.float32)
-        self.current = np.zeros_like(self.last)
-        self.tokens = 0
-
-    def observe_token(self, token_id: int) -> None:
-        if self.tokens:
-            self.last, self.current = self.current, np.zeros_like(self.current)
-        self.tokens += 1
-
-    def observe_route(self, layer_index: int, experts: list[int]) -> None:
-        self.current[layer_index, experts] = 1.0
-
-    def predict(self) -> np.ndarray:
-        return self.last
-
-
-class _RepeatLast(RoutePredictor):
-    name = "repeat-last"
+class _RepeatLastSessions(SessionPredictor):
+    """Predicts that a request's token routes like its previous token did (a fair guess for tests)."""
 
     def __init__(self, layers: int, experts: int):
-        self.shape = (layers, experts)
+        self.n_layers, self.n_experts = layers, experts
+        self.last: dict[RequestId, np.ndarray] = {}
+        self.current: dict[RequestId, np.ndarray] = {}
 
-    def predict(self, trace, s):  # pragma: no cover - offline replay is not what this test exercises
-        raise NotImplementedError
+    def step(self, tokens: Mapping[RequestId, Sequence[int]]) -> dict[RequestId, np.ndarray]:
+        out = {}
+        for rid, new in tokens.items():
+            if rid in self.current:
+                self.last[rid] = self.current[rid]
+            self.current[rid] = np.zeros((self.n_layers, self.n_experts), np.float32)
+            if len(new) == 1 and rid in self.last:
+                out[rid] = self.last[rid]
+        return out
 
-    def session(self) -> PredictorSession:
-        return _RepeatLastSession(*self.shape)
+    def layer(self, layer, routes, speculation=None):
+        for rid, rows in routes.items():
+            self.current[rid][layer, rows[-1]] = 1.0
+        return {}
+
+    def finish(self, request_ids: Iterable[RequestId]) -> None:
+        for rid in request_ids:
+            self.last.pop(rid, None)
+            self.current.pop(rid, None)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2"])
-def test_expertflow_policy_prefetches_and_never_changes_outputs(tiny_models, family):
+def test_expertflow_prefetches_and_never_changes_outputs(tiny_models, family):
     directory, _ = tiny_models[family]
     prompts = [prompt_ids(20, 9), prompt_ids(21, 14)]
     params = SamplingParams(max_new_tokens=16, stop_on_eos=False)
@@ -55,32 +62,52 @@ def test_expertflow_policy_prefetches_and_never_changes_outputs(tiny_models, fam
     expected = Engine(lru).generate(prompts, params)
     lru.close()
 
-    policies = []
-
-    def factory(spec):
-        moe = spec.layers[spec.moe_layers[0]].moe
-        predictor = _RepeatLast(len(spec.moe_layers), moe.router.n_experts)
-        policies.append(ExpertFlowPolicy(predictor, spec.moe_layers, LivePlanConfig(plan=PlanConfig(threshold=0.5))))
-        return policies[-1]
+    def inputs(space):
+        config = ExpertFlowConfig(plan=PlanConfig(threshold=0.5))
+        return policy_inputs(space, learned=_RepeatLastSessions(*space.shape), expertflow=config)
 
     for budget in ["25%", "100%"]:
-        loaded = load(directory, LoadOptions(expert_budget=budget, policy_factory=factory))
+        loaded = load(directory, LoadOptions(expert_budget=budget, policy="expertflow", policy_inputs=inputs))
         result = Engine(loaded).generate(prompts, params)
         loaded.close()
         assert [o.token_ids for o in result.outputs] == [o.token_ids for o in expected.outputs]
         total = result.stats.total
         print(budget, total.to_dict())
-        assert policies[-1].plans > 0  # the deadline planner ran at every decode layer
+        assert loaded.policy.prefetcher.plans > 0  # the deadline planner ran at every decode layer
         if budget == "25%":  # at 100% every expert stays resident after the prefill
             assert total.prefetches > 0 and total.prefetch_used > 0
         assert total.prefetch_used + total.prefetch_wasted <= total.prefetches
+
+
+@pytest.mark.parametrize("name", ["static", "speculate", "activation"])
+def test_peer_policies_run_live_and_never_change_outputs(tiny_models, name):
+    from predictor.baselines import ActivationMatrixPredictor, layer_frequency
+
+    directory, _ = tiny_models["mixtral"]
+    prompts = [prompt_ids(22, 10), prompt_ids(23, 6)]
+    params = SamplingParams(max_new_tokens=10, stop_on_eos=False)
+    lru = load(directory, LoadOptions(expert_budget="25%", policy="lru"))
+    expected = Engine(lru).generate(prompts, params)
+    train = _record(Engine(lru), [[1] + prompt_ids(40 + i, 12) for i in range(6)])
+    lru.close()
+
+    def inputs(space):
+        return policy_inputs(
+            space, frequency=layer_frequency(train), activation=ActivationMatrixPredictor(train).sessions()
+        )
+
+    loaded = load(directory, LoadOptions(expert_budget="25%", policy=name, policy_inputs=inputs))
+    result = Engine(loaded).generate(prompts, params)
+    loaded.close()
+    assert [o.token_ids for o in result.outputs] == [o.token_ids for o in expected.outputs]
+    assert result.stats.total.prefetches > 0
 
 
 def test_learned_predictor_with_layer_head_drives_the_live_planner(tiny_models):
     """End to end on CPU: a trace recorded from the model trains a predictor with a layer head; the live
     policy plans with it (refining each layer from the routes already taken) and outputs stay identical."""
     from expertflow.trace import record
-    from predictor.learned import LearnedPredictor, LearnedSession
+    from predictor.learned import LearnedPredictor, LearnedSessions
     from predictor.train import TrainConfig, model_config_for, train
 
     directory, _ = tiny_models["mixtral"]
@@ -99,29 +126,149 @@ def test_learned_predictor_with_layer_head_drives_the_live_planner(tiny_models):
     model, _ = train(trace, cfg, TrainConfig(seconds=30, max_steps=20, rows=4))
     refined = []
 
-    class WatchedSession(LearnedSession):
-        def refine(self, layer_index, spec=None):
-            refined.append((layer_index, spec))
-            return super().refine(layer_index, spec)
+    class Watched(LearnedSessions):
+        def layer(self, layer, routes, speculation=None):
+            out = super().layer(layer, routes, speculation)
+            refined.extend((layer + 1, None if speculation is None else speculation.get(rid)) for rid in out)
+            return out
 
-    class Watched(LearnedPredictor):
-        def session(self):
-            return WatchedSession(self.model)
+    def inputs(space):
+        return policy_inputs(space, learned=Watched(LearnedPredictor(model).model))
 
-    made = []
-
-    def factory(spec):
-        made.append(ExpertFlowPolicy(Watched(model), spec.moe_layers))
-        return made[-1]
-
-    loaded = load(directory, LoadOptions(expert_budget="25%", policy_factory=factory))
+    loaded = load(directory, LoadOptions(expert_budget="25%", policy="expertflow", policy_inputs=inputs))
     result = Engine(loaded).generate(prompts[:2], params)
     loaded.close()
     assert [o.token_ids for o in result.outputs] == [o.token_ids for o in expected.outputs]
     assert [o.finish_reason for o in result.outputs] == ["eos", "length"]  # request 0 left the batch early
     assert refined and result.stats.total.prefetches > 0
     # each layer after the first is refined once the layer before it has routed, with the model's gate speculation
-    assert {j for j, _ in refined} == set(range(1, len(trace.info.moe_layers)))
+    n_layers = len(trace.info.moe_layers)
+    assert {j for j, _ in refined} == set(range(1, n_layers))
     assert all(spec is not None and len(spec) == trace.info.top_k for _, spec in refined)
-    # one plan per layer and decode step: the plan made when a layer routes serves the next layer's routing too
-    assert 0 < made[-1].plans <= len(trace.info.moe_layers) * params.max_new_tokens
+    # one plan as each decode step starts and one as each of its layers routes
+    decode_steps = len(result.step_s) - 1
+    assert loaded.policy.prefetcher.plans == (n_layers + 1) * decode_steps
+
+
+# -- one ExpertFlow: the simulator and the engine make the same plans -----------------------------------
+
+
+class _Recording(Prefetcher):
+    """Passes every call through to `inner` and keeps the plans it returns."""
+
+    def __init__(self, inner: Prefetcher):
+        self.inner = inner
+        self.name, self.eviction, self.wants_speculation = inner.name, inner.eviction, inner.wants_speculation
+        self.plans: list[tuple] = []
+
+    def _keep(self, plan: Plan | None) -> Plan | None:
+        if plan is not None:
+            self.plans.append(([t.key for t in plan.fetch], list(plan.cancel), list(plan.evict)))
+        return plan
+
+    def begin_step(self, requests: Sequence[StepRequest], view: CacheView) -> Plan | None:
+        return self._keep(self.inner.begin_step(requests, view))
+
+    def after_layer(self, routed: LayerRoutes, view: CacheView) -> Plan | None:
+        return self._keep(self.inner.after_layer(routed, view))
+
+    def finish(self, request_ids) -> None:
+        self.inner.finish(request_ids)
+
+
+class _GenerationRecorder(TraceRecorder):
+    """Keeps every forward pass's routing (one token each: requests of one-token prompts, one at a time)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.rows: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def on_route(self, moe_layer, ids, scores):
+        super().on_route(moe_layer, ids, scores)
+        if moe_layer == self.n_layers - 1:
+            experts, _, spec = self.take(255, np.uint8)
+            self.rows.append((experts, spec))
+
+
+def _record(engine: Engine, prompts: list[list[int]]) -> Trace:
+    """A routing trace of `prompts` (prefill), as `expertflow trace` records one."""
+    from expertflow.trace import record
+
+    return record(engine, prompts, [0] * len(prompts), ["test"], "test")
+
+
+def test_simulator_and_engine_make_the_same_plans(tiny_models):
+    """Requests generated by the engine are recorded as a trace; replaying that trace in the simulator and
+    serving the same requests again in the engine runs the same ExpertFlow class with the same predictor,
+    and both make the same sequence of plans (fetch, cancel, evict) with the same hit rate. The engine plans
+    with the simulator's times (clock and timing injected); copies that take no modelled time are what the
+    CPU engine does, so the two replays see the same cache at every call."""
+    from predictor.learned import LearnedPredictor
+    from predictor.train import TrainConfig, model_config_for, train
+
+    directory, _ = tiny_models["mixtral"]
+    n_requests, new_tokens = 5, 14
+    params = SamplingParams(max_new_tokens=new_tokens, stop_on_eos=False)
+    resident = load(directory, LoadOptions(expert_budget="100%", policy="lru"))
+    engine = Engine(resident)
+    recorder = _GenerationRecorder(resident.model)
+    tokens, experts, spec = [], [], []
+    for r in range(n_requests):
+        prompt = [r + 3]  # one-token prompts: every forward pass is one token, as the simulator replays
+        out = engine.generate([prompt], params, recorder=recorder)
+        tokens += prompt + out.outputs[0].token_ids[:-1]  # the tokens that went through the model
+    experts = np.concatenate([e for e, _ in recorder.rows])
+    spec = np.concatenate([p for _, p in recorder.rows])
+    train_trace = _record(engine, [[1] + prompt_ids(60 + i, 20) for i in range(10)])
+    resident.close()
+    info = TraceInfo("tiny", "mixtral", train_trace.info.moe_layers, train_trace.info.n_experts,
+                     train_trace.info.top_k, ("test",))  # fmt: skip
+    offsets = np.arange(0, n_requests * new_tokens + 1, new_tokens, dtype=np.int64)
+    trace = Trace(info, np.array(tokens, np.int32), offsets, np.zeros(n_requests, np.int16), experts,
+                  np.ones(experts.shape, np.float16), spec)  # fmt: skip
+    cfg = model_config_for(train_trace, d_model=32, n_layers=1, n_heads=2, context=32, layer_dim=16)
+    model, _ = train(train_trace, cfg, TrainConfig(seconds=30, max_steps=30, rows=4))
+    config = ExpertFlowConfig(plan=PlanConfig(threshold=0.2))
+    n_layers = len(info.moe_layers)
+
+    for budget in (0.25, 0.5):
+        sim_policy = make_policy(
+            "expertflow", trace_inputs(trace, learned=LearnedPredictor(model).sessions(), expertflow=config)
+        )
+        sim_recording = _Recording(sim_policy.prefetcher)
+        sim = simulate(
+            trace,
+            CachePolicy("expertflow", sim_policy.eviction, sim_recording),
+            SimConfig(budget=budget, bandwidth=float("inf"), expert_bytes=10**6, layer_ms=1.0),
+        )
+
+        live: list[_Recording] = []
+
+        def factory(space):
+            flow = ExpertFlow(LearnedPredictor(model).sessions(), config)
+            live.append(_Recording(flow))
+            return CachePolicy("expertflow", flow.eviction, live[-1])
+
+        options = LoadOptions(
+            expert_budget=f"{budget:.0%}",
+            policy_factory=factory,
+            timing=FixedTiming(layer_ms=(1.0,) * n_layers, transfer_ms=0.0),
+        )
+        loaded = load(directory, options)
+        assert loaded.cache.n_slots == sim.n_slots
+        served = Engine(loaded)
+        stats = []
+        for r in range(n_requests):
+            result = served.generate([[r + 3]], params)
+            assert result.outputs[0].token_ids[:-1] == tokens[r * new_tokens + 1 : (r + 1) * new_tokens]
+            stats.append(result.stats.total)
+        loaded.close()
+
+        assert isinstance(live[0].inner, type(sim_recording.inner))  # the same class ...
+        assert live[0].plans == sim_recording.plans  # ... made the same plans, call by call
+        assert len(live[0].plans) == n_requests * new_tokens * (n_layers + 1)
+        assert any(fetch for fetch, _, _ in live[0].plans) and any(evict for _, _, evict in live[0].plans)
+        hits = sum(s.hits for s in stats)
+        uses = sum(s.accesses for s in stats)
+        assert (hits, uses) == (sim.hits, sim.uses) and sim.late == 0
+        assert hits / uses == pytest.approx(sim.hit_rate)

@@ -7,14 +7,16 @@ import json
 import numpy as np
 import pytest
 
+from expert_store.plan import InFlight
 from orchestrator.cli import main as cli_main
-from orchestrator.expertflow_policy import ExpertFlow
-from orchestrator.planner import InFlight, PlanConfig, PlanInput, plan
-from orchestrator.policies import Belady, Lru, OnDemand, PolicyInputs, Static, make_policy
+from orchestrator.peers import HotSet
+from orchestrator.planner import PlanConfig, PlanInput, plan
+from orchestrator.policies import CachePolicy, make_policy
 from orchestrator.scheduler import Request, SchedulerConfig, fifo_batch, form_batch, replay
-from orchestrator.simulator import SimConfig, compare, simulate
-from predictor.base import RoutePredictor
+from orchestrator.simulator import SimConfig, compare, simulate, trace_inputs
+from predictor.base import TracePredictor
 from predictor.baselines import TrueRoutes
+from predictor.replay import ReplaySessions
 from traces.format import Trace, TraceInfo
 
 
@@ -58,7 +60,7 @@ class NextLayerOracle(TrueRoutes):
     horizon = "layer"
 
 
-class Frequency(RoutePredictor):
+class Frequency(TracePredictor):
     """Tests only: every token predicted as the training frequency."""
 
     name = "test-frequency"
@@ -173,16 +175,20 @@ CYCLE = make_trace(np.array([0, 1, 2] * 3).reshape(9, 1, 1), [9], 4)
 HAND = SimConfig(budget=0.5, bandwidth=1e9, expert_bytes=10**6, layer_ms=1.0)  # a copy takes 1 ms
 
 
+def policy(name: str, trace: Trace, **inputs) -> CachePolicy:
+    return make_policy(name, trace_inputs(trace, **inputs))
+
+
 @pytest.mark.parametrize(
-    "policy, hits, misses",
+    "name, hits, misses",
     [
-        (OnDemand(), 0, 9),
-        (Lru(), 0, 9),  # a cycle longer than the cache: LRU always evicts the next key
-        (Belady(), 3, 6),  # MIN: misses at 0 1 2 . 1 . 0 . 2
+        ("ondemand", 0, 9),
+        ("lru", 0, 9),  # a cycle longer than the cache: LRU always evicts the next key
+        ("belady", 3, 6),  # MIN: misses at 0 1 2 . 1 . 0 . 2
     ],
 )
-def test_simulator_hit_counts_by_hand(policy, hits, misses):
-    r = simulate(CYCLE, policy, HAND)
+def test_simulator_hit_counts_by_hand(name, hits, misses):
+    r = simulate(CYCLE, policy(name, CYCLE), HAND)
     assert (r.hits, r.misses, r.late, r.uses, r.n_slots) == (hits, misses, 0, 9, 2)
     assert r.bytes_moved == misses * 10**6
     assert r.stall_ms == pytest.approx(misses * 1.0)  # each miss waits one copy
@@ -191,8 +197,8 @@ def test_simulator_hit_counts_by_hand(policy, hits, misses):
 
 def test_cache_outlives_sequences_unless_emptied():
     trace = make_trace(np.array([0, 1, 0, 1]).reshape(4, 1, 1), [2, 2], 4)
-    kept = simulate(trace, Lru(), HAND)
-    emptied = simulate(trace, Lru(), SimConfig(**{**HAND.__dict__, "empty_per_sequence": True}))
+    kept = simulate(trace, policy("lru", trace), HAND)
+    emptied = simulate(trace, policy("lru", trace), SimConfig(**{**HAND.__dict__, "empty_per_sequence": True}))
     assert (kept.hits, emptied.hits) == (2, 0)
 
 
@@ -200,9 +206,7 @@ def test_cache_outlives_sequences_unless_emptied():
 def test_belady_moves_the_fewest_bytes(seed):
     trace = random_trace(seed)
     train = random_trace(seed + 100)
-    inputs = PolicyInputs(
-        frequency=Frequency(train).freq, activation=Frequency(train), learned=Oracle(), speculation=None
-    )
+    inputs = trace_inputs(trace, frequency=Frequency(train).freq, activation=Frequency(train), learned=Oracle())
     for budget in (0.2, 0.5):
         config = SimConfig(budget=budget, bandwidth=1e9, expert_bytes=10**5, layer_ms=0.5)
         results = {
@@ -219,8 +223,8 @@ def test_belady_moves_the_fewest_bytes(seed):
 def test_oracle_expertflow_moves_belady_like_bytes_with_almost_no_stall():
     trace = random_trace(7, n_seq=6, length=150)
     config = SimConfig(budget=0.5, bandwidth=1e9, expert_bytes=10**5, layer_ms=0.5)  # copies 0.1 ms
-    ef = simulate(trace, ExpertFlow(Oracle()), config)
-    belady, lru = simulate(trace, Belady(), config), simulate(trace, Lru(), config)
+    ef = simulate(trace, policy("expertflow", trace, learned=Oracle()), config)
+    belady, lru = simulate(trace, policy("belady", trace), config), simulate(trace, policy("lru", trace), config)
     assert ef.prefetch_accuracy == 1.0  # every copy was for a key then used
     assert ef.bytes_moved <= 1.25 * belady.bytes_moved
     # A token-horizon prediction comes as the token starts, when its first layer is already due: only
@@ -232,11 +236,13 @@ def test_oracle_expertflow_moves_belady_like_bytes_with_almost_no_stall():
 def test_layer_horizon_refinement_lifts_a_weak_token_prediction():
     train, trace = random_trace(1, n_seq=4, length=60), random_trace(8, n_seq=4, length=60)
     config = SimConfig(budget=0.5, bandwidth=1e9, expert_bytes=10**5, layer_ms=0.5)
-    plain = simulate(trace, ExpertFlow(Frequency(train)), config)
-    refined = simulate(trace, ExpertFlow(Frequency(train), refiner=NextLayerOracle()), config)
+    plain = simulate(trace, policy("expertflow", trace, learned=Frequency(train)), config)
+    refined = simulate(
+        trace, policy("expertflow", trace, learned=Frequency(train), learned_layer=NextLayerOracle()), config
+    )
     assert refined.hits > plain.hits and refined.stall_ms < plain.stall_ms
     with pytest.raises(ValueError, match="not a layer-horizon predictor"):
-        ExpertFlow(Frequency(train), refiner=Oracle())
+        ReplaySessions(trace, Frequency(train), Oracle())
 
 
 def test_unavailable_and_unsupported_policies_are_reported_not_run():
@@ -244,19 +250,20 @@ def test_unavailable_and_unsupported_policies_are_reported_not_run():
         def supports(self, trace):
             return "needs hidden states"
 
-    results = compare(CYCLE, ["static", "expertflow"], HAND, PolicyInputs(learned=NoTrace()))
-    assert results[0].na == "no frequency predictor given"
+    results = compare(CYCLE, ["static", "expertflow", "speculate"], HAND, trace_inputs(CYCLE, learned=NoTrace()))
+    assert "training routing frequency" in results[0].na
     assert results[1].na == "needs hidden states"
+    assert "lacks hidden states" in results[2].na
     with pytest.raises(ValueError):
-        make_policy("nonsense")
+        make_policy("nonsense", trace_inputs(CYCLE))
 
 
 def test_static_pins_the_most_frequent_keys():
     freq = np.zeros((1, 4))
     freq[0, 3] = 1.0
-    policy = Static(freq, share=0.5)
-    r = simulate(make_trace(np.array([3, 0, 1, 2, 3]).reshape(5, 1, 1), [5], 4), policy, HAND)
-    assert policy.pinned == frozenset({(0, 3)})
+    hot = HotSet(freq, top_k=1, share=0.5)
+    r = simulate(make_trace(np.array([3, 0, 1, 2, 3]).reshape(5, 1, 1), [5], 4), CachePolicy("static", hot.eviction, hot), HAND)
+    assert hot.eviction.keep == frozenset({(0, 3)})
     # The pinned key is loaded once when the replay starts (still copying at its first use), then kept.
     assert (r.late, r.hits, r.misses, r.prefetch_used) == (1, 1, 3, 1)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from predictor.base import RoutePredictor
+from predictor.base import TracePredictor
 from predictor.baselines import (
     ranked_hot,
     ActivationMatrixPredictor,
@@ -18,7 +18,7 @@ from predictor.baselines import (
     multi_hot,
 )
 from predictor.evaluate import evaluate, format_comparison
-from predictor.learned import LearnedPredictor, window_start
+from predictor.learned import LearnedPredictor, LearnedSession, window_start
 from predictor.model import RouteModelConfig, RouteTransformer, load_model, save_model
 from predictor.online import OnlineConfig, OnlineCorrector
 from predictor.train import TrainConfig, model_config_for, train
@@ -70,7 +70,7 @@ def _mode_trace(seed: int, n_seq: int, length: int) -> Trace:
     return _trace(rng.integers(0, 16, n_seq * length), [length] * n_seq, experts)
 
 
-class _Fixed(RoutePredictor):
+class _Fixed(TracePredictor):
     name = "fixed"
 
     def __init__(self, probs: np.ndarray) -> None:
@@ -247,7 +247,7 @@ def test_session_predicts_what_predict_does(rule_model, online):
     assert [window_start(t, 16) for t in (0, 15, 16, 23, 24, 36)] == [0, 0, 8, 8, 16, 24]
     predictor = LearnedPredictor(model, online)
     replay = predictor.predict(test, 0)
-    session = predictor.session()
+    session = LearnedSession(model, online)
     for t in range(37):
         session.observe_token(int(test.tokens[t]))
         assert np.allclose(session.predict(), replay[t], atol=1e-5), t
@@ -352,7 +352,7 @@ def test_session_refine_matches_the_layer_horizon_replay(chain_model):
     model, _ = chain_model
     test = _chain_trace(2, 1, 20, spec_right=0.5)
     replay = LearnedPredictor(model, layer_horizon=True).predict(test, 0)
-    session = LearnedPredictor(model).session()
+    session = LearnedSession(model)
     for t in range(20):
         session.observe_token(int(test.tokens[t]))
         session.predict()
@@ -399,3 +399,56 @@ def test_one_token_sequences_are_predicted(chain_model):
     for layer_horizon in (False, True):
         probs = LearnedPredictor(model, layer_horizon=layer_horizon).predict(trace, 1)
         assert probs.shape == (1, 3, 8) and np.isfinite(probs).all()
+
+
+def test_batched_sessions_follow_requests_by_id_from_their_prompts(chain_model):
+    """LearnedSessions: a request's first step may bring its whole prompt (its routes arrive per layer after
+    it); from then on one token per step predicts what the offline replay does, token and layer horizon."""
+    from predictor.replay import ReplaySessions
+
+    model, _ = chain_model
+    test = _chain_trace(7, 2, 14, spec_right=0.5)
+    token_replay = [LearnedPredictor(model).predict(test, s) for s in range(2)]
+    layer_replay = [LearnedPredictor(model, layer_horizon=True).predict(test, s) for s in range(2)]
+    live = LearnedPredictor(model).sessions()
+    replayed = ReplaySessions(test, LearnedPredictor(model), LearnedPredictor(model, layer_horizon=True))
+    prompt = 5
+    seqs = [test.sequence(s) for s in range(2)]
+    for predictor in (live, replayed):
+        ids = {"0": seqs[0], "1": seqs[1]}
+        first = predictor.step({rid: test.tokens[sl][:prompt].tolist() for rid, sl in ids.items()})
+        assert first == {}  # a prompt's last token cannot be predicted before the prompt's routes are known
+        for j in range(3):
+            predictor.layer(j, {rid: test.experts[sl][:prompt, j] for rid, sl in ids.items()})
+        for t in range(prompt, 14):
+            got = predictor.step({rid: [int(test.tokens[sl][t])] for rid, sl in ids.items()})
+            for s, rid in enumerate(ids):
+                assert np.allclose(got[rid], np.clip(token_replay[s][t], 0, 1), atol=1e-5), (rid, t)
+            for j in range(3):
+                spec = {rid: test.spec_experts[sl][t, j + 1] for rid, sl in ids.items()} if j < 2 else None
+                refined = predictor.layer(j, {rid: test.experts[sl][t : t + 1, j] for rid, sl in ids.items()}, spec)
+                if j < 2:
+                    for s, rid in enumerate(ids):
+                        assert np.allclose(refined[rid], layer_replay[s][t, j + 1], atol=1e-5), (rid, t, j)
+                else:
+                    assert refined == {}
+        predictor.finish(["0", "1"])
+    with pytest.raises(ValueError, match="not the trace's"):
+        replayed.step({"0": [int(test.tokens[seqs[0]][0]) + 1]})
+
+
+def test_activation_sessions_predict_what_the_replay_does():
+    rng = np.random.default_rng(3)
+    train_trace = _trace(np.zeros(60), [20, 20, 20], rng.integers(0, 8, (60, 2, 2)))
+    test = _trace(np.zeros(30), [30], rng.integers(0, 8, (30, 2, 2)))
+    matcher = ActivationMatrixPredictor(train_trace)
+    replay = matcher.predict(test, 0)
+    sessions = matcher.sessions()
+    sessions.step({"r": [0] * 3})  # a three-token prompt first
+    sessions.layer(0, {"r": test.experts[:3, 0]})
+    sessions.layer(1, {"r": test.experts[:3, 1]})
+    for t in range(3, 30):
+        got = sessions.step({"r": [0]})["r"]
+        assert np.allclose(got, replay[t], atol=1e-5), t
+        for j in range(2):
+            assert sessions.layer(j, {"r": test.experts[t : t + 1, j]}) == {}

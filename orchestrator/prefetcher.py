@@ -1,0 +1,81 @@
+"""The prefetcher contract, and the peers' prefetchers: what to copy before a layer asks for it.
+
+The engine (and the simulator, in the same order) calls a prefetcher explicitly:
+
+    begin_step(requests, view)   once per forward pass, with the batch's live requests by id and the
+                                 tokens each brings (its prompt at its first step, then one token)
+    after_layer(routed, view)    once per MoE layer, when it has routed and its misses are queued, before
+                                 its experts run: the layer's routes per request, and the next layer's
+                                 gate speculation where the server computes it (`wants_speculation`)
+    finish(ids)                  requests that left the batch
+    poll()                       a plan finished since (asynchronous prefetchers: planning_thread.py)
+
+Each call gets a fresh `CacheView` (expert_store/plan.py) and may return a `Plan`, which the cache
+executes whole. A prefetcher that ranks victims by its own predictions brings its `eviction` policy;
+the others leave eviction to the policy they are paired with (orchestrator/policies.py). The peers'
+prefetchers are in peers.py, ExpertFlow's in expertflow.py.
+
+Not for: executing plans (expert_store/device_cache.py, simulator.py), predicting (predictor/), or any
+prefetcher's logic.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from expert_store.eviction import EvictionPolicy
+from expert_store.plan import CacheView, Plan
+from predictor.base import RequestId
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    id: RequestId
+    new_tokens: tuple[int, ...]  # tokens entering the model this step, in order
+
+
+@dataclass(frozen=True)
+class LayerRoutes:
+    """MoE layer `layer` routed this step's tokens. K = experts per token."""
+
+    layer: int
+    routes: Mapping[RequestId, np.ndarray]  # [T, K] per request, its new tokens in order
+    # [K] per request, best first: MoE layer `layer + 1`'s router on this layer's hidden state, for the
+    # request's last token; None where the server did not compute it
+    speculation: Mapping[RequestId, np.ndarray] | None = None
+
+
+class Prefetcher(ABC):
+    name: ClassVar[str]
+    wants_speculation: bool = False  # the engine computes next-layer gate speculation for it
+    eviction: EvictionPolicy | None = None  # the eviction policy it plans with, if it needs its own
+
+    @abstractmethod
+    def begin_step(self, requests: Sequence[StepRequest], view: CacheView) -> Plan | None: ...
+
+    @abstractmethod
+    def after_layer(self, routed: LayerRoutes, view: CacheView) -> Plan | None: ...
+
+    def finish(self, request_ids: Iterable[RequestId]) -> None:
+        """These requests left the batch."""
+
+    def poll(self) -> Plan | None:
+        """A plan finished since the last call, for prefetchers that plan asynchronously (the engine polls
+        at every layer); None for those that answer each call directly."""
+        return None
+
+    def close(self) -> None:
+        """Stop any worker; the prefetcher is unusable afterwards."""
+
+
+def merge_requests(rows: Iterable[np.ndarray]) -> np.ndarray | None:
+    """P(some request uses a key) from each request's own probabilities, taken as independent."""
+    merged = None
+    for p in rows:
+        merged = p.copy() if merged is None else 1.0 - (1.0 - merged) * (1.0 - p)
+    return merged

@@ -33,7 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     gen.add_argument("--dtype", choices=sorted(_DTYPES), help="compute dtype (default: the checkpoint's)")
     gen.add_argument("--policy", default="lru", choices=sorted(POLICIES) + ["expertflow"])
-    gen.add_argument("--predictor", type=Path, help="routing-path predictor directory (for --policy expertflow)")
+    gen.add_argument(
+        "--predictor",
+        type=Path,
+        help="routing-path predictor directory for --policy expertflow (default: the model's, from expertflow prepare)",
+    )
     gen.add_argument("--no-online-correction", action="store_true", help="use the predictor's raw forecasts")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -53,9 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--dtype", choices=sorted(_DTYPES), help="compute dtype (default: the checkpoint's)")
     tr.add_argument("--expert-budget", default="100%")
 
+    from expertflow import prepare
     from orchestrator import cli as orchestrator_cli
     from predictor import cli as predictor_cli
 
+    prepare.add_subcommand(sub)
     predictor_cli.add_subcommands(sub)
     orchestrator_cli.add_subcommands(sub)
     return parser
@@ -110,23 +116,40 @@ def _expertflow_policy(args: argparse.Namespace):
     from predictor.learned import LearnedPredictor
     from predictor.online import OnlineConfig
 
-    if args.predictor is None:
-        raise ValueError("--policy expertflow needs --predictor DIR (train one with `expertflow train-predictor`)")
-    if not (args.predictor / "config.json").exists():
-        raise FileNotFoundError(f"{args.predictor}: not a predictor directory (no config.json)")
-    predictor = LearnedPredictor.load(args.predictor, None if args.no_online_correction else OnlineConfig())
+    predictor_dir = args.predictor if args.predictor is not None else _default_predictor(args.model)
+    if not (predictor_dir / "config.json").exists():
+        raise FileNotFoundError(f"{predictor_dir}: not a predictor directory (no config.json)")
+    predictor = LearnedPredictor.load(predictor_dir, None if args.no_online_correction else OnlineConfig())
 
     def factory(spec):
         cfg = predictor.model.cfg
         moe = spec.layers[spec.moe_layers[0]].moe
         if (cfg.moe_layers, cfg.n_experts) != (len(spec.moe_layers), moe.router.n_experts):
             raise ValueError(
-                f"{args.predictor}: predictor forecasts {cfg.moe_layers} MoE layers x {cfg.n_experts} experts, "
+                f"{predictor_dir}: predictor forecasts {cfg.moe_layers} MoE layers x {cfg.n_experts} experts, "
                 f"the model has {len(spec.moe_layers)} x {moe.router.n_experts}"
             )
         return ExpertFlowPolicy(predictor, spec.moe_layers)
 
     return factory
+
+
+def _default_predictor(model: Path | None) -> Path:
+    """The predictor `expertflow prepare` made for the model (predictor/locate.py), or an error naming the
+    command that makes one."""
+    from expertflow.default_model import default_model_dir
+    from predictor.locate import candidate_dirs, find_predictor
+
+    directory = model if model is not None else default_model_dir()
+    found = find_predictor(directory)
+    if found is None:
+        looked = " or ".join(str(d) for d in candidate_dirs(directory))
+        flag = f" --model {model}" if model is not None else ""
+        raise FileNotFoundError(
+            f"no route predictor for {directory} (looked in {looked}); make one with "
+            f"`expertflow prepare{flag} --data FILE...`, or pass --predictor DIR"
+        )
+    return found
 
 
 def _generate(args: argparse.Namespace) -> dict:
@@ -216,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator import cli as orchestrator_cli
 
             return orchestrator_cli.run(args)
+        if args.command == "prepare":
+            from expertflow import prepare
+
+            return prepare.run(args)
         out = _trace(args) if args.command == "trace" else _generate(args)
     except (CheckpointError, UnsupportedArchitecture, FileNotFoundError, ValueError, KeyError) as e:
         print(f"expertflow: error: {e}", file=sys.stderr)

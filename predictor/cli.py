@@ -118,7 +118,7 @@ def _train(args: argparse.Namespace) -> dict:
     with tqdm(total=1000, desc="training", file=sys.stderr, disable=args.quiet, bar_format=_STEP_BAR) as bar:
 
         def on_step(step: int, done: float) -> None:
-            bar.set_postfix_str(f"step {step}", refresh=False)
+            bar.set_description_str(f"training (step {step})", refresh=False)
             bar.update(max(0, round(done * 1000) - bar.n))
 
         def log(line: str) -> None:
@@ -145,7 +145,7 @@ def _train(args: argparse.Namespace) -> dict:
 
 
 # A bar over the budget (steps or seconds, whichever stops training) in thousandths, hence percent and ETA only.
-_STEP_BAR = "{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]"
+_STEP_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"
 
 
 def recorded_train_traces(meta_file: Path) -> list[Path]:

@@ -64,14 +64,17 @@ def default_predictor_dir(model_dir: str | Path) -> Path:
 
 
 def candidate_dirs(model_dir: str | Path) -> list[Path]:
-    """Where a predictor of `model_dir` is looked for, in order: next to the model, then the user's cache."""
+    """Where a predictor of `model_dir` is looked for, in order: where `prepare` writes one now (so the newest
+    wins over, say, a predictor shipped in a model directory that has since become read-only), then next to
+    the model, then the user's cache."""
     model_dir = Path(model_dir)
-    out = [model_dir / PREDICTOR_DIRNAME]
+    own = model_dir / PREDICTOR_DIRNAME
     try:
-        out.append(cache_root() / model_id(model_dir))
+        cached = cache_root() / model_id(model_dir)
     except FileNotFoundError:  # no config.json: the loader will say so; there is no cache entry to look at
-        pass
-    return out
+        return [own]
+    first = own if _writable(own) else cached
+    return [first, *(d for d in (own, cached) if d != first)]
 
 
 def is_predictor_dir(directory: Path) -> bool:

@@ -54,10 +54,20 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
         "prepare",
         help="trace a model over your text, train its route predictor, evaluate it, and put it where "
         "generate --policy expertflow finds it",
+        description="Record the model's routing over your documents, train its route predictor on most of them, "
+        "score it on the held-out rest against the peers, and write it where generate --policy expertflow finds "
+        "it. Progress per stage goes to stderr; running the same command again resumes after the last finished "
+        "stage.",
     )
     p.add_argument("--model", type=Path, help="Hugging Face model directory (default: the embedded default model)")
     p.add_argument(
-        "--data", type=Path, nargs="+", action="extend", required=True, help=".txt, .jsonl or .npy token ids; several"
+        "--data",
+        type=Path,
+        nargs="+",
+        action="extend",
+        required=True,
+        help='documents: .txt (separated by blank lines), .jsonl ({"text": ...} per line) or .npy token ids '
+        "(separated by the EOS id); one or more files",
     )
     p.add_argument("--domain", nargs="+", action="extend", help="a domain name per --data file (default: file names)")
     p.add_argument("--out", type=Path, help="predictor directory (default: where generate looks for it)")
@@ -70,6 +80,12 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="record and train on it (cpu, cuda)"
     )
     p.add_argument("--batch", type=int, default=16, help="sequences per recording batch")
+    p.add_argument(
+        "--expert-budget",
+        default="25%",
+        help="device memory for experts while recording, as in generate (routing is the same at any budget; "
+        "more is faster where it fits)",
+    )
     p.add_argument("--max-steps", type=int, help="training steps (default: until the time cap)")
     p.add_argument(
         "--seconds", type=float, help="training time cap (default: none with --max-steps, else 240); the first stops"
@@ -114,10 +130,17 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        _readable_like_folder(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _readable_like_folder(path: Path) -> None:
+    """Give `path` its folder's read and write bits: temporary files (and safetensors' own writes) are private
+    (0600), while a predictor in a model directory is read by whoever serves that model."""
+    os.chmod(path, path.parent.stat().st_mode & 0o666)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -171,29 +194,14 @@ class Workflow:
         self.ran.add(stage)
         return info
 
-    # -- stage inputs --------------------------------------------------------------------------------------
-
-    def data_inputs(self) -> list[dict]:
-        args = self.args
-        if args.domain and len(args.domain) != len(args.data):
-            raise ValueError(f"{len(args.domain)} --domain names for {len(args.data)} --data files")
-        out = []
-        for i, path in enumerate(args.data):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no such data file")
-            if path.suffix not in (".txt", ".jsonl", ".npy"):
-                raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use .txt, .jsonl or .npy")
-            name = args.domain[i] if args.domain else path.stem
-            out.append({"path": str(path), "bytes": path.stat().st_size, "blake2b": file_hash(path), "domain": name})
-        return out
-
     # -- stages --------------------------------------------------------------------------------------------
 
     def loaded(self):
         if self._loaded is None:
             from expertflow.loader import LoadOptions, load
 
-            self._loaded = load(self.model_dir, LoadOptions(device=self.args.device, expert_budget="100%"))
+            options = LoadOptions(device=self.args.device, expert_budget=self.args.expert_budget)
+            self._loaded = load(self.model_dir, options)
         return self._loaded
 
     def close(self) -> None:
@@ -255,7 +263,11 @@ class Workflow:
             trace = record(Engine(self.loaded()), sequences, domains, names, source, self.args.batch, bar.update)
         path = self.path(f"{WORK}/{part}.safetensors")
         _write_atomic(path, lambda tmp: trace.save(tmp))
-        return [path], {"sequences": trace.n_sequences, "tokens": len(trace.tokens), "documents": _count(part, all_docs, held)}
+        return [path], {
+            "sequences": trace.n_sequences,
+            "tokens": len(trace.tokens),
+            "documents": _count(part, all_docs, held),
+        }
 
     def train(self) -> tuple[list[Path], dict]:
         from predictor.model import save_model
@@ -270,7 +282,8 @@ class Workflow:
             layer_dim=args.layer_dim,
         )  # fmt: skip
         train_cfg = TrainConfig(seconds=args.seconds, max_steps=args.max_steps, seed=args.seed)
-        with tqdm(total=1000, desc="train", file=sys.stderr, bar_format=_BAR) as bar:
+        # smoothing 0: the ETA from the average pace (steps are even; the periodic holdout checks are not)
+        with tqdm(total=1000, desc="train", file=sys.stderr, bar_format=_BAR, smoothing=0) as bar:
 
             def on_step(step: int, done: float) -> None:
                 bar.set_description_str(f"train (step {step})", refresh=False)
@@ -294,6 +307,7 @@ class Workflow:
             save_model(model, tmp, meta)
             outputs = []
             for name in ("config.json", "model.safetensors", "train.json"):
+                _readable_like_folder(Path(tmp) / name)
                 os.replace(Path(tmp) / name, self.path(name))
                 outputs.append(self.path(name))
         keep = ("stopped_by", "steps_done", "steps_requested", "seconds_requested", "seconds", "device")
@@ -312,6 +326,21 @@ class Workflow:
         out = {"test_sequences": test.n_sequences, "test_tokens": len(test.tokens), "results": results}
         _write_json(path, out)
         return [path], recall_table(results, test.n_sequences, len(test.tokens))
+
+
+def data_inputs(args: argparse.Namespace) -> list[dict]:
+    """Each --data file's path, size, hash and domain name (the trace stages' inputs), checked before any work."""
+    if args.domain and len(args.domain) != len(args.data):
+        raise ValueError(f"{len(args.domain)} --domain names for {len(args.data)} --data files")
+    out = []
+    for i, path in enumerate(args.data):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such data file")
+        if path.suffix not in (".txt", ".jsonl", ".npy"):
+            raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use .txt, .jsonl or .npy")
+        name = args.domain[i] if args.domain else path.stem
+        out.append({"path": str(path), "bytes": path.stat().st_size, "blake2b": file_hash(path), "domain": name})
+    return out
 
 
 def _cap(docs: list[list[int]], max_tokens: int | None) -> list[list[int]]:
@@ -419,7 +448,7 @@ def format_summary(state: dict, out: Path, model_arg: Path | None, default_out: 
     lines.append(f"  {'mean':>6}" + "".join(f"{r['mean'][n]:>{width}.3f}" for n in names))
     model = f" --model {model_arg}" if model_arg is not None else ""
     predictor = "" if default_out else f" --predictor {out}"
-    lines.append(f"next: expertflow generate{model} --policy expertflow{predictor} --prompt \"...\"")
+    lines.append(f'next: expertflow generate{model} --policy expertflow{predictor} --prompt "..."')
     return "\n".join(lines)
 
 
@@ -431,6 +460,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--eval-share {args.eval_share}: a share of the documents, between 0 and 1")
     if args.max_seq_len < 2:
         raise ValueError("--max-seq-len must be at least 2")
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: at least 1 sequence")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError("--max-tokens must be at least 2")
     from predictor.train import TrainConfig
@@ -442,13 +473,13 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.model if args.model is not None else default_model_dir()
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
+    data = data_inputs(args)
     out = args.out if args.out is not None else default_predictor_dir(model_dir)
     default_out = args.out is None or out.resolve() == default_predictor_dir(model_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     flow = Workflow(args, model_dir, out)
     started = time.time()
     try:
-        data = flow.data_inputs()
         mid = model_id(model_dir)
         trace_opts = {
             "model": mid, "data": [(d["blake2b"], d["bytes"], d["domain"]) for d in data],

@@ -115,7 +115,9 @@ def _train(args: argparse.Namespace) -> dict:
     train_cfg = TrainConfig(
         seconds=args.seconds, max_steps=args.max_steps, rows=args.rows, lr=args.lr, seed=args.seed, holdout=args.holdout
     )
-    with tqdm(total=1000, desc="training", file=sys.stderr, disable=args.quiet, bar_format=_STEP_BAR) as bar:
+    # smoothing 0: the ETA from the average pace (steps are even; the periodic holdout checks are not)
+    bar = tqdm(total=1000, desc="training", file=sys.stderr, disable=args.quiet, bar_format=_STEP_BAR, smoothing=0)
+    with bar:
 
         def on_step(step: int, done: float) -> None:
             bar.set_description_str(f"training (step {step})", refresh=False)

@@ -41,9 +41,7 @@ def compare_with_peers(
     """evaluate() of every contender on `test`, in `contenders` order."""
     pairs = contenders(learned, train)
     results = []
-    with tqdm(
-        total=len(pairs) * test.n_sequences, desc=desc, unit="seq", file=sys.stderr, disable=not progress
-    ) as bar:
+    with tqdm(total=len(pairs) * test.n_sequences, desc=desc, unit="seq", file=sys.stderr, disable=not progress) as bar:
         for predictor, label in pairs:
             bar.set_postfix_str(label or predictor.name)
             result = evaluate(predictor, test, label, on_sequence=bar.update)

@@ -2,11 +2,12 @@
 
 A model directory's predictor is `<model dir>/expertflow-predictor/` when that directory can be written (the
 embedded default model ships its predictor there); for a read-only model directory (a hub cache, a shared
-mount) it is `$XDG_CACHE_HOME/expertflow/predictors/<model id>/` (default `~/.cache`), where the id is a hash
-of the model's config.json, its safetensors index and the names and sizes of its safetensors files: the same
-checkpoint copied elsewhere finds the same predictor, a changed one does not. `expertflow prepare` writes to
-`default_predictor_dir`, `generate --policy expertflow` (and anything else that serves a model) reads
-`find_predictor`: keep every such lookup here, so that the two cannot drift apart.
+mount) it is `$XDG_CACHE_HOME/expertflow/predictors/<model id>/` (default `~/.cache`), where the id is the
+folder's name and a hash of the model's config.json, its safetensors index and the names and sizes of its
+safetensors files: the same checkpoint copied elsewhere (in a folder of the same name) finds the same
+predictor, a changed one does not. `expertflow prepare` writes to `default_predictor_dir`; `generate --policy
+expertflow` (and anything else that serves a model) reads `find_predictor`: keep every such lookup here, so
+that the two cannot drift apart.
 
 Paths inside metadata files (a predictor's train.json, prepare.json) are stored relative to the file that
 records them and resolved relative to it when read, so the files can move with what they point at and be

@@ -137,6 +137,8 @@ def split_rule(shares: tuple[float, ...]) -> str:
 def _read(npz_path: Path) -> dict[str, np.ndarray]:
     if not npz_path.is_file():
         raise FileNotFoundError(f"{npz_path}: no such routes file")
+    if not zipfile.is_zipfile(npz_path):  # np.load would try it as a pickle
+        raise ValueError(f"{npz_path}: not a numpy .npz file (save it with numpy.savez)")
     try:
         with np.load(npz_path) as data:  # plain arrays only: np.load refuses pickles by default
             missing = [k for k in REQUIRED if k not in data.files]
@@ -168,7 +170,9 @@ def _scalar(arrays: dict[str, np.ndarray], key: str, kind: str, where: Path):
     if a is None:
         return None
     if a.ndim != 0 or a.dtype.kind not in kind:
-        raise ValueError(f"{where}: {key} must be a single {'integer' if 'i' in kind else 'string'}, got {a.dtype} {a.shape}")
+        raise ValueError(
+            f"{where}: {key} must be a single {'integer' if 'i' in kind else 'string'}, got {a.dtype} {a.shape}"
+        )
     return a.item()
 
 
@@ -218,7 +222,9 @@ def read_routes(npz_path: str | Path, options: ImportOptions = ImportOptions()) 
     if layers is None:
         layers = preset.moe_layers if preset else tuple(range(n_layers))
     if len(layers) != n_layers or len(set(layers)) != n_layers or min(layers) < 0:
-        raise ValueError(f"{npz_path}: {len(layers)} MoE layer numbers {list(layers)[:8]} for {n_layers} layers of experts")
+        raise ValueError(
+            f"{npz_path}: {len(layers)} MoE layer numbers {list(layers)[:8]} for {n_layers} layers of experts"
+        )
 
     n_seq = len(offsets) - 1
     if options.domain is not None:
@@ -228,7 +234,9 @@ def read_routes(npz_path: str | Path, options: ImportOptions = ImportOptions()) 
             raise ValueError(f"{npz_path}: seq_domain and domains go together; the file has only one of them")
         names = arrays["domains"]
         if names.ndim != 1 or names.dtype.kind != "U" or not len(names):
-            raise ValueError(f"{npz_path}: domains must be a 1-dimensional array of strings, got {names.dtype} {names.shape}")
+            raise ValueError(
+                f"{npz_path}: domains must be a 1-dimensional array of strings, got {names.dtype} {names.shape}"
+            )
         seq_domain = _int_array(arrays, "seq_domain", 1, npz_path)
         if len(seq_domain) != n_seq or (n_seq and (seq_domain.min() < 0 or seq_domain.max() >= len(names))):
             raise ValueError(f"{npz_path}: seq_domain needs one index into domains (0..{len(names) - 1}) per sequence")
@@ -289,7 +297,14 @@ def import_routes(npz_path: str | Path, out_dir: str | Path, options: ImportOpti
         for i, name in enumerate(names):
             part = full.select(np.flatnonzero(split == i))
             extra = {**full.info.extra, "split": name, "split_rule": split_rule(options.split)}
-            order = ("scores", "hidden_states", "split", "split_rule", "vocab_size", "expert_bytes")  # as written before
+            order = (
+                "scores",
+                "hidden_states",
+                "split",
+                "split_rule",
+                "vocab_size",
+                "expert_bytes",
+            )  # as written before
             part.info = replace(full.info, extra={k: extra[k] for k in order if k in extra})
             path = out_dir / f"{prefix}_{name}.safetensors"
             part.save(path)
@@ -307,40 +322,38 @@ def import_routes(npz_path: str | Path, out_dir: str | Path, options: ImportOpti
     }
 
 
-def _layers(text: str) -> tuple[int, ...]:
+def parse_layers(text: str) -> tuple[int, ...]:
     """`1-26` or `0,2,4`."""
     try:
         if "-" in text and "," not in text:
             a, b = (int(x) for x in text.split("-"))
-            return tuple(range(a, b + 1))
-        return tuple(int(x) for x in text.split(","))
+            layers = tuple(range(a, b + 1))
+        else:
+            layers = tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: MoE layer numbers as FIRST-LAST (1-26) or a list (0,2,4)") from None
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: a whole number above 0")
-    return value
+        layers = ()
+    if not layers or min(layers) < 0:
+        raise ValueError(f"--moe-layers {text!r}: the model's layer numbers as FIRST-LAST (1-26) or a list (0,2,4)")
+    return layers
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--npz", required=True, type=Path, help="routes file: token_ids, seq_offsets, experts [N, L, K]")
+    parser.add_argument(
+        "--npz", required=True, type=Path, help="routes file: token_ids, seq_offsets, experts [N, L, K]"
+    )
     parser.add_argument("--out", required=True, type=Path, help="directory for the trace files (created if needed)")
+    # Flags are parsed in import_from_args, not by argparse types: the errors then read like every other command's.
     parser.add_argument(
         "--split",
-        type=parse_split,
-        default=DEFAULT_SPLIT,
+        default="0.8,0.1,0.1",
         help="shares of train,validation,test (or train,test) by a stable hash of each sequence, or none for one "
         "trace (default 0.8,0.1,0.1)",
     )
     parser.add_argument("--domain", help="one domain name for every sequence (default: the file's, else 'all')")
-    parser.add_argument("--n-experts", type=_positive, help="routed experts per layer (default: the file's)")
-    parser.add_argument("--moe-layers", type=_layers, help="the model's layer numbers, 1-26 or 0,2,4 (default: 0..L-1)")
+    parser.add_argument("--n-experts", type=int, help="routed experts per layer (default: the file's)")
+    parser.add_argument(
+        "--moe-layers", help="the model's layer numbers, 1-26 or 0,2,4 (default: the file's, or 0..L-1)"
+    )
     parser.add_argument("--model-name", help="the model the routes came from, kept in the traces")
     parser.add_argument("--family", help="the model's architecture family (e.g. mixtral), kept in the traces")
     parser.add_argument("--prefix", help="output names PREFIX_SPLIT.safetensors (default: the npz file's stem)")
@@ -350,11 +363,15 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def import_from_args(args: argparse.Namespace) -> dict:
+    if args.n_experts is not None and args.n_experts < 1:
+        raise ValueError(f"--n-experts {args.n_experts}: at least 1")
+    if args.domain is not None and not args.domain.strip():
+        raise ValueError("--domain: give a name")
     options = ImportOptions(
         domain=args.domain,
-        split=args.split,
+        split=parse_split(args.split),
         n_experts=args.n_experts,
-        moe_layers=args.moe_layers,
+        moe_layers=None if args.moe_layers is None else parse_layers(args.moe_layers),
         model=args.model_name,
         family=args.family,
         prefix=args.prefix,

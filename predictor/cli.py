@@ -14,7 +14,7 @@ them from any directory. Progress and training logs go to stderr; stdout carries
 `add_subcommands(subparsers)` adds them to an existing parser; `run(args)` executes one and returns its
 result as a dict. Standalone: `python -m predictor.cli <subcommand> ...`.
 
-Not for: the work itself (train.py, evaluate.py, compare.py, routes_npz.py hold it); nothing here is needed as a library.
+Not for: the work itself (train.py, evaluate.py, compare.py, routes_npz.py hold it); nothing here is a library.
 """
 
 from __future__ import annotations

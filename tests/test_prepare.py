@@ -130,7 +130,10 @@ def test_read_only_model_dirs_keep_their_predictor_in_the_user_cache(model, tmp_
     assert find_predictor(model) is None
     from predictor.model import RouteModelConfig, RouteTransformer, save_model
 
-    save_model(RouteTransformer(RouteModelConfig(3, 8, 2, 96, d_model=16, n_heads=2, context=8)), cached)
+    tiny = RouteTransformer(RouteModelConfig(3, 8, 2, 96, d_model=16, n_heads=2, context=8))
+    save_model(tiny, own)  # say, one shipped with the model before its directory became read-only
+    assert find_predictor(model) == own
+    save_model(tiny, cached)  # what `prepare` writes now wins
     assert find_predictor(model) == cached
     copy = Path(shutil.copytree(model, tmp_path / "elsewhere" / model.name))
     assert model_id(copy) == model_id(model)  # the same checkpoint under another parent: the same predictor

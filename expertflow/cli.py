@@ -33,7 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     gen.add_argument("--dtype", choices=sorted(_DTYPES), help="compute dtype (default: the checkpoint's)")
     gen.add_argument("--policy", default="lru", choices=LIVE_POLICY_NAMES, help="cache policy (orchestrator/policies.py)")
-    gen.add_argument("--predictor", type=Path, help="routing-path predictor directory (for --policy expertflow)")
+    gen.add_argument(
+        "--predictor",
+        type=Path,
+        help="routing-path predictor directory for --policy expertflow (default: the model's, from expertflow prepare)",
+    )
     gen.add_argument("--no-online-correction", action="store_true", help="use the predictor's raw forecasts")
     gen.add_argument(
         "--train-traces", nargs="+", type=Path, default=[], help="routing traces of this model (static, activation)"
@@ -56,9 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--dtype", choices=sorted(_DTYPES), help="compute dtype (default: the checkpoint's)")
     tr.add_argument("--expert-budget", default="100%")
 
+    from expertflow import prepare
     from orchestrator import cli as orchestrator_cli
     from predictor import cli as predictor_cli
 
+    prepare.add_subcommand(sub)
     predictor_cli.add_subcommands(sub)
     orchestrator_cli.add_subcommands(sub)
     return parser
@@ -116,11 +122,10 @@ def _policy_inputs(args: argparse.Namespace):
         from predictor.learned import LearnedPredictor
         from predictor.online import OnlineConfig
 
-        if args.predictor is None:
-            raise ValueError("--policy expertflow needs --predictor DIR (train one with `expertflow train-predictor`)")
-        if not (args.predictor / "config.json").exists():
-            raise FileNotFoundError(f"{args.predictor}: not a predictor directory (no config.json)")
-        learned = LearnedPredictor.load(args.predictor, None if args.no_online_correction else OnlineConfig())
+        predictor_dir = args.predictor if args.predictor is not None else _default_predictor(args.model)
+        if not (predictor_dir / "config.json").exists():
+            raise FileNotFoundError(f"{predictor_dir}: not a predictor directory (no config.json)")
+        learned = LearnedPredictor.load(predictor_dir, None if args.no_online_correction else OnlineConfig())
     train = None
     if args.policy in ("static", "activation") and args.train_traces:
         from traces.format import concat, load_trace
@@ -144,6 +149,24 @@ def _policy_inputs(args: argparse.Namespace):
         return policy_inputs(space, **values)
 
     return build
+
+
+def _default_predictor(model: Path | None) -> Path:
+    """The predictor `expertflow prepare` made for the model (predictor/locate.py), or an error naming the
+    command that makes one."""
+    from expertflow.default_model import default_model_dir
+    from predictor.locate import candidate_dirs, find_predictor
+
+    directory = model if model is not None else default_model_dir()
+    found = find_predictor(directory)
+    if found is None:
+        looked = " or ".join(str(d) for d in candidate_dirs(directory))
+        flag = f" --model {model}" if model is not None else ""
+        raise FileNotFoundError(
+            f"no route predictor for {directory} (looked in {looked}); make one with "
+            f"`expertflow prepare{flag} --data FILE...`, or pass --predictor DIR"
+        )
+    return found
 
 
 def _generate(args: argparse.Namespace) -> dict:
@@ -233,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator import cli as orchestrator_cli
 
             return orchestrator_cli.run(args)
+        if args.command == "prepare":
+            from expertflow import prepare
+
+            return prepare.run(args)
         out = _trace(args) if args.command == "trace" else _generate(args)
     except (CheckpointError, UnsupportedArchitecture, FileNotFoundError, ValueError, KeyError) as e:
         print(f"expertflow: error: {e}", file=sys.stderr)

@@ -10,17 +10,22 @@ Input files: `.jsonl` (one {"text": ...} document per line, the corpus format), 
 (documents separated by blank lines) or `.npy` (a token stream, documents separated by
 the EOS id). Documents are prefixed with the BOS/EOS id and cut into windows.
 
+The trace's `info.extra` records the size of one routed expert in the checkpoint's dtype (`expert_bytes`,
+`expert_dtype`: what a GPU run moves per expert), so `simulate` and `schedule` need no `--expert-bytes` for it.
+
 Not for: the trace format itself (traces/format.py) or statistics (traces/stats.py).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from expert_store.layout import ExpertLayout
 from expertflow.engine import Engine
 from expertflow.model import MoETransformer
 from traces.format import Trace, TraceInfo, expert_dtype
@@ -96,7 +101,9 @@ def record(
     domain_names: list[str],
     source: str,
     batch_size: int = 16,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Trace:
+    """The routing of `sequences` (token ids) as a trace; `on_batch(n)` is called as each batch of n is done."""
     model = engine.model
     spec = model.spec
     moe0 = spec.layers[spec.moe_layers[0]].moe
@@ -115,6 +122,8 @@ def record(
             n = len(sequences[i])
             per_seq[i] = (e[offset : offset + n], s[offset : offset + n], p[offset : offset + n])
             offset += n
+        if on_batch is not None:
+            on_batch(len(batch))
     experts, scores, spec_experts = (list(column) for column in zip(*(per_seq[i] for i in range(len(sequences)))))
     info = TraceInfo(
         model=str(engine.loaded.directory),
@@ -124,6 +133,10 @@ def record(
         top_k=moe0.router.top_k,
         domains=tuple(domain_names),
         source=source,
+        extra={
+            "expert_bytes": ExpertLayout(spec.hidden, moe0.expert_ffn, spec.dtype).nbytes,
+            "expert_dtype": str(spec.dtype).removeprefix("torch."),
+        },
     )
     lengths = [len(s) for s in sequences]
     return Trace(

@@ -6,6 +6,11 @@
 predictors are fitted on `--train-traces` only; the learned one is loaded from `--predictor DIR`. A policy
 whose predictor is missing (no traces, no checkpoint) is reported as n/a instead of failing.
 
+Budgets use the one syntax of every command (expert_store/budget.py): `25%`, a size such as `6GiB`, or here
+also a bare share 0..1. The size of one expert comes from each trace (`info.extra["expert_bytes"]`, written
+when `expertflow trace` or `expertflow prepare` records it) or from `--expert-bytes`, which a trace without it
+needs. Progress goes to stderr, one step per (budget, policy) run, so `--json` output on stdout stays clean.
+
 Not for: the simulation itself (simulator.py) or its output formats (report.py).
 """
 
@@ -15,10 +20,11 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
-from math import prod
 from pathlib import Path
 
-from expert_store.budget import parse_budget
+from tqdm import tqdm
+
+from expert_store.budget import parse_share, parse_size
 from orchestrator.policies import POLICY_NAMES, PolicyInputs
 from orchestrator.report import format_table, plot
 from orchestrator.simulator import SimConfig, compare, trace_inputs
@@ -31,20 +37,62 @@ from traces.format import Trace, concat, load_trace
 _STAND_INS = ("learned", "activation", "frequency", "true-routes")
 
 
-def parse_bytes(text: str) -> int:
-    """`55GB/s`, `336MiB`, `3*256*320*2` or a plain count."""
-    text = text.strip().removesuffix("/s")
-    return prod(parse_budget(part, 0, "size") for part in text.split("*"))
+def parse_bytes(text: str, what: str = "size") -> int:
+    """`55GB/s`, `336MiB`, `3*256*320*2` or a plain count (expert_store/budget.py `parse_size`)."""
+    return parse_size(text, what)
+
+
+def parse_budgets(text: str) -> list[str]:
+    """The comma-separated `--budget` values, each checked now (before any trace is read); they become shares
+    per trace (`budget_share`), since a size is a share of that trace's model."""
+    parts = [b.strip() for b in text.split(",") if b.strip()]
+    if not parts:
+        raise ValueError(f"--budget {text!r} names no budget; e.g. 10%,25%,50%")
+    for part in parts:
+        parse_share(part, 1 << 62, "--budget")
+    return parts
+
+
+def budget_share(text: str, trace: Trace, expert_bytes: int) -> float:
+    """One `--budget` value as the share of `trace`'s routed experts; at least one expert, as in generate."""
+    n_keys = len(trace.info.moe_layers) * trace.info.n_experts
+    share = parse_share(text, n_keys * expert_bytes, "--budget")
+    if share * n_keys < 1 - 1e-9:  # the loader's words for the same mistake in generate
+        raise ValueError(
+            f"--budget {text} ({int(share * n_keys * expert_bytes)} bytes) is smaller than one expert "
+            f"({expert_bytes} bytes); give at least {expert_bytes} bytes or {100 / n_keys:.2f}%"
+        )
+    return share
+
+
+def trace_expert_bytes(args: argparse.Namespace, trace: Trace, path: Path) -> int:
+    """--expert-bytes if given, else what the trace records of its model; a trace without it needs the flag."""
+    if args.expert_bytes is not None:
+        return parse_bytes(args.expert_bytes, "--expert-bytes")
+    recorded = trace.info.extra.get("expert_bytes")
+    if not recorded:
+        raise ValueError(
+            f"{path}: the trace does not record the size of one expert of {trace.info.model or 'its model'}; "
+            "pass --expert-bytes (gate + up + down bytes, e.g. 3*256*320*2 for hidden 256, ffn 320 in bf16)"
+        )
+    return int(recorded)
 
 
 def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="replay routing traces through cache policies on a modelled clock")
     p.add_argument("--traces", nargs="+", type=Path, required=True, help="traces to replay, each on its own")
     p.add_argument("--policy", default="all", help=f"comma-separated, or all: {','.join(POLICY_NAMES)}")
-    p.add_argument("--budget", default="0.1,0.25,0.5", help="cache sizes as shares of all routed experts")
+    p.add_argument(
+        "--budget",
+        default="10%,25%,50%",
+        help="comma-separated cache sizes: 25%% of all routed experts, a size such as 6GiB, or a share 0..1",
+    )
     p.add_argument("--bandwidth", default="55GB/s", help="host-to-device bytes per second")
     p.add_argument("--layer-ms", type=float, default=0.05, help="compute time of one MoE layer's block")
-    p.add_argument("--expert-bytes", default=str(3 * 256 * 320 * 2), help="bytes of one expert, e.g. 3*512*128*2")
+    p.add_argument(
+        "--expert-bytes",
+        help="bytes of one expert, e.g. 3*512*128*2 (default: what the trace records; needed where it records none)",
+    )
     p.add_argument("--predictor", type=Path, help="learned predictor checkpoint directory (for expertflow)")
     p.add_argument(
         "--train-traces", nargs="+", type=Path, default=[], help="fit the peers' predictors on these (any models)"
@@ -72,7 +120,10 @@ def add_subcommands(subparsers) -> None:
     q.add_argument("--batch", type=int, default=8, help="requests per micro-batch")
     q.add_argument("--max-wait", type=int, default=4, help="rounds a request may wait")
     q.add_argument("--concurrency", type=int, default=32, help="requests queued at once")
-    q.add_argument("--expert-bytes", default=str(3 * 256 * 320 * 2))
+    q.add_argument(
+        "--expert-bytes",
+        help="bytes of one expert, e.g. 3*512*128*2 (default: what the trace records; needed where it records none)",
+    )
     q.add_argument("--max-sequences", type=int)
     q.add_argument("--json", action="store_true")
     q.set_defaults(orchestrator_command=_schedule)
@@ -124,7 +175,8 @@ def _simulate(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}", file=sys.stderr)
         return 2
-    budgets = [float(b) for b in args.budget.split(",")]
+    budgets = parse_budgets(args.budget)
+    bandwidth = float(parse_bytes(args.bandwidth, "--bandwidth"))
     train = _train_by_shape(args.train_traces)
     results = []
     for path in args.traces:
@@ -133,17 +185,23 @@ def _simulate(args: argparse.Namespace) -> int:
             trace = trace.of_domains(args.domains)
         if args.max_sequences:
             trace = trace.select(list(range(min(args.max_sequences, trace.n_sequences))))
+        expert_bytes = trace_expert_bytes(args, trace, path)
+        shares = [budget_share(b, trace, expert_bytes) for b in budgets]
         inputs = _inputs(args, train.get(_shape(trace)), trace)
-        for budget in budgets:
-            config = SimConfig(
-                budget=budget,
-                bandwidth=float(parse_bytes(args.bandwidth)),
-                expert_bytes=parse_bytes(args.expert_bytes),
-                layer_ms=args.layer_ms,
-                empty_per_sequence=args.empty_per_sequence,
-            )
-            print(f"{path.stem}: budget {budget:g}", file=sys.stderr)
-            results += compare(trace, policies, config, inputs, label=path.stem)
+        # One bar step per (budget, policy) run: each replays the whole trace, the unit a user waits for.
+        with tqdm(total=len(shares) * len(policies), desc=path.stem, unit="run", file=sys.stderr) as bar:
+            for share in shares:
+                config = SimConfig(
+                    budget=share,
+                    bandwidth=bandwidth,
+                    expert_bytes=expert_bytes,
+                    layer_ms=args.layer_ms,
+                    empty_per_sequence=args.empty_per_sequence,
+                )
+                for policy in policies:
+                    bar.set_postfix_str(f"budget {share:.3g}, {policy}")
+                    results += compare(trace, [policy], config, inputs, label=path.stem)
+                    bar.update()
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1))
     else:
@@ -167,7 +225,8 @@ def _schedule(args: argparse.Namespace) -> int:
         for predictor in (_learned(args.predictor)[0], _activation(train.get(_shape(trace)))):
             if predictor is not None and predictor.supports(trace) is None:
                 predicted[predictor.name] = lambda s, p=predictor, t=trace: p.predict(t, s)
-        for r in compare_schedulers(trace, config, predicted, args.concurrency, parse_bytes(args.expert_bytes)):
+        expert_bytes = trace_expert_bytes(args, trace, path)
+        for r in compare_schedulers(trace, config, predicted, args.concurrency, expert_bytes):
             rows.append(dict(trace=path.stem, batch=args.batch, max_wait_bound=args.max_wait, **asdict(r)))
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -204,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.cli", description=__doc__.splitlines()[0])
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return run(args)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Not for: fitting predictors (baselines.py, train.py) or simulating a cache with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,8 +92,14 @@ def summarize(c: _Counts, k: int, n_experts: int, moe_layers: tuple[int, ...]) -
     return {"tokens": c.tokens, "mean": mean, "layers": layers}
 
 
-def evaluate(predictor: TracePredictor, trace: Trace, label: str | None = None) -> dict:
-    """recall@k, recall@2k, precision@2k and ECE of `predictor` on every sequence of `trace`."""
+def evaluate(
+    predictor: TracePredictor,
+    trace: Trace,
+    label: str | None = None,
+    on_sequence: Callable[[], None] | None = None,
+) -> dict:
+    """recall@k, recall@2k, precision@2k and ECE of `predictor` on every sequence of `trace`; `on_sequence` is
+    called after each sequence is scored (a progress bar), never for a predictor that cannot run on the trace."""
     head = {"name": label or predictor.name, "horizon": predictor.horizon, "k": trace.info.top_k}
     reason = predictor.supports(trace)
     if reason is not None:
@@ -102,6 +109,8 @@ def evaluate(predictor: TracePredictor, trace: Trace, label: str | None = None) 
     for s in range(trace.n_sequences):
         probs = predictor.predict(trace, s)
         per_domain[int(trace.seq_domain[s])].add(score(probs, trace.experts[trace.sequence(s)], trace.info.n_experts))
+        if on_sequence is not None:
+            on_sequence()
     overall = _Counts(n_layers)
     for c in per_domain:
         overall.add(c)

@@ -5,9 +5,12 @@ row's chunks cannot attend to each other (block-diagonal causal mask) and each c
 at 0, as in inference. A chunk that starts inside a sequence still gets the real routes of the token
 before it, as inference windows do. Short prompts (DeepSeek's median is 26 tokens) thus cost no padding.
 
-A small share of the training sequences is held out to pick the best checkpoint by recall@k; training
-stops at `seconds` or `max_steps`, whichever comes first, with the learning rate following a cosine
-over that budget.
+A small share of the training sequences is held out to pick the best checkpoint by recall@k.
+
+Stopping: training runs `max_steps` steps, or for `seconds`, or whichever comes first when both are given;
+neither given means `DEFAULT_SECONDS`. A step count alone is never cut by a time cap nobody asked for. The
+learning rate follows a cosine over that budget. The summary says what stopped it (`stopped_by`: "steps" or
+"time") and how many of the requested steps ran (`steps_done`, `steps_requested`).
 
 Not for: the network (model.py) or scoring on test traces (evaluate.py).
 """
@@ -30,10 +33,13 @@ from predictor.model import RouteModelConfig, RouteTransformer
 from traces.format import Trace
 
 
+DEFAULT_SECONDS = 240.0  # the time budget when neither a step count nor a time is given
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    seconds: float = 240.0
-    max_steps: int = 1_000_000
+    seconds: float | None = None  # time cap; None: none (or DEFAULT_SECONDS when max_steps is None too)
+    max_steps: int | None = None  # step count; None: until the time cap
     rows: int = 16  # packed rows of `context` positions per step
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -46,6 +52,31 @@ class TrainConfig:
     # Share of positions whose gate speculation is hidden from the layer head in training, so that it also
     # predicts well where the server computes no speculation.
     spec_dropout: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.seconds is not None and not self.seconds > 0:
+            raise ValueError(f"--seconds {self.seconds}: a time cap must be more than 0 seconds")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps {self.max_steps}: at least 1 step")
+
+    def limits(self) -> tuple[int | None, float | None]:
+        """(steps, seconds) that stop training: what was given, or DEFAULT_SECONDS when nothing was."""
+        if self.max_steps is None and self.seconds is None:
+            return None, DEFAULT_SECONDS
+        return self.max_steps, self.seconds
+
+
+def stop_note(summary: dict) -> str:
+    """One line on what stopped training, saying so when a time cap cut the requested steps."""
+    done, asked, cap = summary["steps_done"], summary["steps_requested"], summary["seconds_requested"]
+    if summary["stopped_by"] == "time" and asked is not None:
+        return (
+            f"stopped by the time cap (--seconds {cap:g}) after {done} of the {asked} requested steps; "
+            "give more --seconds, or drop --seconds to run every step"
+        )
+    if summary["stopped_by"] == "time":
+        return f"stopped by the time cap (--seconds {cap:g}) after {done} steps"
+    return f"ran the {done} requested steps in {summary['seconds']:g} s"
 
 
 # Largest layer-pair map (L x L x E x E weights) a model gets unless asked: 16 M parameters, 64 MB in fp32. Within
@@ -283,9 +314,12 @@ def train(
     cfg: TrainConfig = TrainConfig(),
     log: Callable[[str], None] = print,
     device: str | torch.device = "cpu",
+    on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[RouteTransformer, dict]:
-    """The trained model (best held-out recall, on the CPU) and a summary of the run."""
+    """The trained model (best held-out recall, on the CPU) and a summary of the run. `on_step(step, done)`
+    is called after every step with the share of the budget spent (0..1), for a progress bar."""
     device = torch.device(device)
+    max_steps, seconds = cfg.limits()
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     order = rng.permutation(trace.n_sequences)
@@ -314,7 +348,9 @@ def train(
     queue: list[list[tuple[int, int]]] = []
 
     def progress() -> float:
-        return max(step / cfg.max_steps, (time.time() - t0) / cfg.seconds)
+        by_steps = step / max_steps if max_steps is not None else 0.0
+        by_time = (time.time() - t0) / seconds if seconds is not None else 0.0
+        return max(by_steps, by_time)
 
     while progress() < 1.0:
         if len(queue) < cfg.rows:
@@ -347,6 +383,8 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
+        if on_step is not None:
+            on_step(step, min(progress(), 1.0))
         if step % cfg.eval_every == 0 or progress() >= 1.0:
             model.eval()
             value = loss.item()
@@ -361,6 +399,10 @@ def train(
     spec_gain = calibrate_spec_gain(model, trace, hold)
     summary = {
         "steps": step,
+        "stopped_by": "steps" if max_steps is not None and step >= max_steps else "time",
+        "steps_done": step,
+        "steps_requested": max_steps,
+        "seconds_requested": seconds,
         "epochs": epoch,
         "seconds": round(time.time() - t0, 1),
         "holdout_sequences": len(hold),

@@ -13,7 +13,8 @@ Mixtral-8x7B's 336 MiB experts.
 
 Policies: any name of the registry (orchestrator/policies.py: ondemand, lru, static, speculate, activation,
 expertflow; static and activation fit on --train-traces), plus expertflow-nospec (the layer head without the
-model's gate speculation) and expertflow-raw (no online correction). Each run reports the policy's host time
+model's gate speculation), expertflow-raw (no online correction) and expertflow-thread (planning on a worker
+thread, orchestrator/planning_thread.py). Each run reports the policy's host time
 per decode step (`plan_ms_per_step`: cache views, prefetcher calls and plan execution on the critical path).
 
 Not for: correctness (tests) or trace replay (orchestrator's simulator).
@@ -76,7 +77,9 @@ def run(
         return policy_inputs(space, **values)
 
     name = "expertflow" if policy.startswith("expertflow") else policy
-    loaded = load(model, LoadOptions(device=device, expert_budget=budget, policy=name, policy_inputs=inputs))
+    planning = "thread" if policy.endswith("-thread") else "inline"
+    options = LoadOptions(device=device, expert_budget=budget, policy=name, policy_inputs=inputs, planning=planning)
+    loaded = load(model, options)
     engine = Engine(loaded)
     params = SamplingParams(max_new_tokens=new_tokens, stop_on_eos=False)
     engine.generate(prompts[:1], SamplingParams(max_new_tokens=2, stop_on_eos=False))  # warm-up

@@ -66,17 +66,20 @@ def test_expertflow_prefetches_and_never_changes_outputs(tiny_models, family):
         config = ExpertFlowConfig(plan=PlanConfig(threshold=0.5))
         return policy_inputs(space, learned=_RepeatLastSessions(*space.shape), expertflow=config)
 
-    for budget in ["25%", "100%"]:
-        loaded = load(directory, LoadOptions(expert_budget=budget, policy="expertflow", policy_inputs=inputs))
+    for budget, planning in [("25%", "inline"), ("100%", "inline"), ("25%", "thread")]:
+        options = LoadOptions(expert_budget=budget, policy="expertflow", policy_inputs=inputs, planning=planning)
+        loaded = load(directory, options)
         result = Engine(loaded).generate(prompts, params)
         loaded.close()
         assert [o.token_ids for o in result.outputs] == [o.token_ids for o in expected.outputs]
         total = result.stats.total
-        print(budget, total.to_dict())
-        assert loaded.policy.prefetcher.plans > 0  # the deadline planner ran at every decode layer
+        print(budget, planning, total.to_dict())
+        flow = loaded.policy.prefetcher
+        assert getattr(flow, "inner", flow).plans > 0  # the deadline planner ran at every decode layer
         if budget == "25%":  # at 100% every expert stays resident after the prefill
             assert total.prefetches > 0 and total.prefetch_used > 0
         assert total.prefetch_used + total.prefetch_wasted <= total.prefetches
+        assert total.plan_s > 0
 
 
 @pytest.mark.parametrize("name", ["static", "speculate", "activation"])
@@ -272,3 +275,53 @@ def test_simulator_and_engine_make_the_same_plans(tiny_models):
         uses = sum(s.accesses for s in stats)
         assert (hits, uses) == (sim.hits, sim.uses) and sim.late == 0
         assert hits / uses == pytest.approx(sim.hit_rate)
+
+
+def test_planning_thread_hands_over_the_newest_plan_and_its_errors():
+    import threading
+
+    from expert_store.plan import Transfer
+    from orchestrator.planning_thread import PlanningThread
+
+    gate = threading.Event()
+
+    class Counting(Prefetcher):
+        name = "counting"
+
+        def __init__(self):
+            self.calls = []
+
+        def begin_step(self, requests, view):
+            gate.wait(5)  # hold the worker until the test has queued more calls
+            self.calls.append("step")
+            return Plan(fetch=(Transfer((0, len(self.calls)), 0.0, 0.0, 1.0),))
+
+        def after_layer(self, routed, view):
+            if routed.layer == 9:
+                raise ValueError("bad layer")
+            self.calls.append(routed.layer)
+            return Plan(fetch=(Transfer((1, routed.layer), 0.0, 0.0, 1.0),))
+
+    view = CacheView(now_ms=0.0, n_slots=2, resident=np.zeros((2, 4), bool), layer_ms=(1.0, 1.0))
+    inner = Counting()
+    thread = PlanningThread(inner)
+    assert thread.begin_step([StepRequest("a", (1,))], view) is None  # the worker has not planned yet
+    thread.after_layer(LayerRoutes(0, {"a": np.array([[1, 2]])}), view)
+    thread.after_layer(LayerRoutes(1, {"a": np.array([[1, 2]])}), view)
+    gate.set()
+    for _ in range(500):
+        if len(inner.calls) == 3:
+            break
+        threading.Event().wait(0.01)
+    plan = thread.poll()
+    assert inner.calls == ["step", 0, 1]  # every call ran, in order ...
+    assert [t.key for t in plan.fetch] == [(1, 1)] and thread.poll() is None  # ... the newest plan comes out once
+    thread.after_layer(LayerRoutes(9, {"a": np.array([[1, 2]])}), view)
+    with pytest.raises(RuntimeError, match="planner thread failed: bad layer"):
+        for _ in range(500):
+            thread.poll()
+            threading.Event().wait(0.01)
+    thread.close()
+    assert not thread._thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        thread.after_layer(LayerRoutes(0, {"a": np.array([[1, 2]])}), view)

@@ -10,7 +10,9 @@ Not for: text (tokenizer.py), loading (loader.py) or residency (expert_store).
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,10 +38,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise RequestError("max_new_tokens must be >= 0")
-        if self.temperature < 0:
-            raise RequestError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise RequestError("top_p must be in (0, 1]")
+        # NaN passes every comparison below and inf makes softmax NaN: both fail deep in torch otherwise
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise RequestError(f"temperature must be a finite number >= 0, not {self.temperature}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], not {self.top_p}")
 
 
 @dataclass
@@ -89,6 +92,8 @@ class GenerationResult:
     decode_s: float
     new_tokens: int = field(default=0)
     step_s: list[float] = field(default_factory=list)  # wall time of each forward, prefill first
+    # the max_new_tokens that ran when the model's context left less room than asked; None if not capped
+    max_new_tokens_capped_to: int | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -153,7 +158,13 @@ class Engine:
         self.cache.take_stats()
         return [logits[i, int(pads[i]) :] for i in range(len(prompts))]
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> GenerationResult:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams = SamplingParams(),
+        on_tokens: Callable[[list[tuple[int, int]]], None] | None = None,
+    ) -> GenerationResult:
+        """Run the requests to completion; `on_tokens` gets each step's (request index, token id) pairs as sampled."""
         self._validate(prompts, params)
         device = self.device
         b = len(prompts)
@@ -182,11 +193,14 @@ class Engine:
         for step in range(max_new):
             next_ids = sample(logits, params, generator)  # B
             ids = next_ids.tolist()
+            sampled = [(i, ids[i]) for i in range(b) if alive[i]]
             for i in range(b):
                 if alive[i]:
                     outs[i].append(ids[i])
                     if ids[i] in eos:
                         reasons[i], alive[i] = "eos", False
+            if on_tokens is not None:
+                on_tokens(sampled)
             if step == max_new - 1 or not any(alive):
                 break
             t_step = time.perf_counter()
@@ -210,6 +224,7 @@ class Engine:
             decode_s=decode_s,
             new_tokens=sum(len(o) for o in outs),
             step_s=step_s,
+            max_new_tokens_capped_to=max_new if max_new < params.max_new_tokens else None,
         )
 
     def logits(self, prompt: list[int]) -> torch.Tensor:

@@ -9,6 +9,7 @@ Not for: deciding what fits (the loader does, from the parsed numbers).
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {
@@ -23,7 +24,7 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z%]*)\s*$", re.IGNORECASE)
+_PATTERN = re.compile(r"^\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[0-9]+)?)\s*([a-z%]*)\s*$", re.IGNORECASE)
 
 
 def parse_budget(text: str | int, total: int, what: str = "budget") -> int:
@@ -81,3 +82,24 @@ def parse_size(text: str, what: str = "size") -> int:
     if value <= 0:
         raise ValueError(f"{what} {text!r} is not more than 0 bytes")
     return value
+
+
+def percent_at_least(needed: int, total: int) -> str:
+    """A percentage such as `3.13%` that `parse_budget` turns into at least `needed` of `total` bytes.
+
+    Rounded up, never to nearest: a suggestion that gave one byte too little would be refused again.
+    """
+    if not 0 < needed <= total:
+        raise ValueError(f"cannot express {needed} of {total} bytes as a percentage")
+    # three significant digits, and never fewer than two decimals
+    decimals = max(2, 2 - math.floor(math.log10(100 * needed / total)))
+    scale = 10**decimals
+    units = -(-needed * 100 * scale // total)  # ceil in integers: exact for any size
+
+    def text(units: int) -> str:
+        return f"{units / scale:.{decimals}f}".rstrip("0").rstrip(".") + "%"
+
+    # parse_budget works in floats; step up until its rounding down lands on enough
+    while parse_budget(text(units), total) < needed:
+        units += 1
+    return text(units)

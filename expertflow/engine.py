@@ -17,6 +17,7 @@ Not for: text (tokenizer.py), loading (loader.py), residency (expert_store) or w
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,10 +48,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise RequestError("max_new_tokens must be >= 0")
-        if self.temperature < 0:
-            raise RequestError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise RequestError("top_p must be in (0, 1]")
+        # NaN passes every comparison below and inf makes softmax NaN: both fail deep in torch otherwise
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise RequestError(f"temperature must be a finite number >= 0, not {self.temperature}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], not {self.top_p}")
 
 
 @dataclass
@@ -100,6 +102,8 @@ class GenerationResult:
     decode_s: float
     new_tokens: int = field(default=0)
     step_s: list[float] = field(default_factory=list)  # wall time of each forward, prefill first
+    # the max_new_tokens that ran when the model's context left less room than asked; None if not capped
+    max_new_tokens_capped_to: int | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -253,8 +257,10 @@ class Engine:
         prompts: list[list[int]],
         params: SamplingParams = SamplingParams(),
         recorder: ForwardHooks | None = None,
+        on_tokens: Callable[[list[tuple[int, int]]], None] | None = None,
     ) -> GenerationResult:
-        """`recorder` (optional) is told every routing decision of every pass, as trace recording is."""
+        """Run the requests to completion; `on_tokens` gets each step's (request index, token id) pairs as sampled,
+        `recorder` (optional) every routing decision of every pass, as trace recording does."""
         self._validate(prompts, params)
         device = self.device
         b = len(prompts)
@@ -286,6 +292,7 @@ class Engine:
         for step in range(max_new):
             next_ids = sample(logits, params, generator)  # B
             sampled = next_ids.tolist()
+            emitted = [(i, sampled[i]) for i in range(b) if alive[i]]
             stopped = []
             for i in range(b):
                 if alive[i]:
@@ -294,6 +301,8 @@ class Engine:
                         reasons[i], alive[i] = "eos", False
                         stopped.append(ids[i])
             self._finish(stopped)
+            if on_tokens is not None:
+                on_tokens(emitted)
             if step == max_new - 1 or not any(alive):
                 break
             live = torch.tensor(alive, device=device)
@@ -319,6 +328,7 @@ class Engine:
             decode_s=decode_s,
             new_tokens=sum(len(o) for o in outs),
             step_s=step_s,
+            max_new_tokens_capped_to=max_new if max_new < params.max_new_tokens else None,
         )
 
     def logits(self, prompt: list[int]) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from expert_store.budget import parse_budget
+from expert_store.budget import parse_budget, percent_at_least
 from expert_store.checkpoint import CheckpointError, CheckpointFiles
 from expert_store.device_cache import ExpertCache
 from expert_store.keys import ExpertSpace
@@ -27,7 +27,7 @@ from expert_store.layout import ExpertLayout
 from expert_store.store import ExpertStore, LocalExpertStore
 from expert_store.timing import Clock, StepTiming, wall_clock_ms
 from expert_store.transfer import make_copier
-from expertflow.families import family_for
+from expertflow.families import UnsupportedArchitecture, family_for
 from expertflow.model import MoETransformer
 from expertflow.spec import Family, ModelSpec
 from orchestrator.planning_thread import PlanningThread
@@ -68,11 +68,55 @@ class LoadedModel:
     expert_bytes_total: int
     owns_store: bool = True
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype that runs (LoadOptions.dtype, or what the loader chose for the device)."""
+        return self.model.embed.weight.dtype
+
     def close(self) -> None:
         if self.policy.prefetcher is not None:
             self.policy.prefetcher.close()
         if self.owns_store:
             self.store.close()
+
+
+# Config fields every supported family sizes tensors or loops with: nonsense here fails inside
+# torch (negative dimensions, division by zero) or much later, so it is refused up front.
+_POSITIVE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "max_position_embeddings",
+    "num_experts_per_tok",
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+)
+_EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _check_config(config, raw: dict, config_path: Path) -> None:
+    """Refuse sizes no model can have, naming the field as config.json spells it."""
+    aliases: dict[str, str] = dict(getattr(type(config), "attribute_map", {}) or {})
+
+    def spelled(field: str) -> str:
+        # transformers maps some names onto others (Qwen3-MoE's num_experts is num_local_experts)
+        return next((a for a, target in aliases.items() if target == field and a in raw), field)
+
+    for field in _POSITIVE_FIELDS:
+        value = None if field in aliases else getattr(config, field, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise CheckpointError(f"{config_path}: {spelled(field)} must be a positive integer, not {value!r}")
+    top_k = getattr(config, "num_experts_per_tok", None)
+    count = next((f for f in _EXPERT_COUNT_FIELDS if f not in aliases and getattr(config, f, None) is not None), None)
+    if top_k is not None and count is not None and top_k > getattr(config, count):
+        raise CheckpointError(
+            f"{config_path}: num_experts_per_tok ({top_k}) is more than {spelled(count)} ({getattr(config, count)})"
+        )
 
 
 def read_config(directory: Path):
@@ -82,16 +126,30 @@ def read_config(directory: Path):
     if not config_path.exists():
         raise CheckpointError(f"{directory}: no config.json")
     try:
-        raw = json.loads(config_path.read_text())
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
-    family = family_for(raw.get("architectures"), raw.get("model_type"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{config_path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{config_path}: cannot be read ({e.strerror})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_path}: not a JSON object but {json.dumps(raw)[:40]}")
+    architectures = raw.get("architectures")
+    names_ok = isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
+    if architectures is not None and not names_ok:
+        raise CheckpointError(f"{config_path}: architectures must be a list of class names, not {architectures!r}")
+    try:
+        family = family_for(architectures, raw.get("model_type"))
+    except UnsupportedArchitecture as e:
+        raise UnsupportedArchitecture(f"{config_path}: {e}") from None
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except Exception as e:  # transformers raises many kinds; all mean the same to a user
         raise CheckpointError(f"{config_path}: transformers cannot read this config ({e})") from None
+    _check_config(config, raw, config_path)
     return family, config
 
 
@@ -116,7 +174,10 @@ def load(directory: str | Path, options: LoadOptions = LoadOptions(), store: Exp
     directory = Path(directory)
     device = _device(options.device)
     family, config = read_config(directory)
-    spec: ModelSpec = family.build_spec(config)
+    try:
+        spec: ModelSpec = family.build_spec(config)
+    except ValueError as e:  # e.g. an unsupported rope type: a property of this config file
+        raise CheckpointError(f"{directory / 'config.json'}: {e}") from None
     # CPUs run bf16/fp16 matmuls slowly or by emulation, and fp32 is exact there.
     dtype = options.dtype or (spec.dtype if device.type == "cuda" else torch.float32)
     files = CheckpointFiles(directory)
@@ -132,7 +193,7 @@ def load(directory: str | Path, options: LoadOptions = LoadOptions(), store: Exp
 
     moe_layers = [ls.moe for ls in spec.layers if ls.moe is not None]
     if not moe_layers:
-        raise CheckpointError(f"{directory}: the config describes no MoE layer")
+        raise CheckpointError(f"{directory / 'config.json'}: the config describes no MoE layer")
     ffns = {moe.expert_ffn for moe in moe_layers}
     if len(ffns) != 1:
         raise CheckpointError(f"{directory}: routed experts of different sizes ({sorted(ffns)}) are not supported")
@@ -148,7 +209,7 @@ def load(directory: str | Path, options: LoadOptions = LoadOptions(), store: Exp
     if n_slots < 1:
         raise ValueError(
             f"--expert-budget {options.expert_budget} ({expert_budget} bytes) is smaller than one expert "
-            f"({layout.nbytes} bytes); give at least {layout.nbytes} bytes or {100 * layout.nbytes / total:.2f}%"
+            f"({layout.nbytes} bytes); give at least {layout.nbytes} bytes or {percent_at_least(layout.nbytes, total)}"
         )
     owns_store = store is None
     if store is None:
@@ -170,7 +231,7 @@ def load(directory: str | Path, options: LoadOptions = LoadOptions(), store: Exp
         cache = ExpertCache(
             store, n_slots, device, policy.eviction, make_copier(device), timing=options.timing, clock=options.clock
         )
-    except BaseException:
+    except BaseException:  # a bad policy or Ctrl-C: the caller never gets the store to close
         if policy is not None and policy.prefetcher is not None:
             policy.prefetcher.close()
         if owns_store:

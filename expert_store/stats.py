@@ -21,7 +21,7 @@ class CacheStats:
     bytes_from_nvme: int = 0
     stall_s: float = 0.0  # compute time spent waiting for expert copies
     copy_s: float = 0.0  # time the copy engine spent copying
-    plan_s: float = 0.0  # host time the engine spent on prefetching: cache views, prefetcher calls, plans
+    plan_s: float = 0.0  # host time the engine spent deciding prefetches: views, speculation, prefetcher calls
 
     @property
     def accesses(self) -> int:

@@ -9,8 +9,8 @@ row and the rows are combined in a fixed order afterwards, so the output is
 bit-identical whatever the cache budget, policy or arrival order.
 
 Per forward the block asks the cache for its routed experts (`demand`, so misses go to the
-copy stream first), tells the caller's hooks (the engine plans prefetches there), then
-runs the experts as the cache yields them. It knows its MoE layer index, the key space
+copy stream first), runs them as the cache yields them, then tells the caller's hooks (the
+engine plans the next prefetches there, while the device computes this layer). It knows its MoE layer index, the key space
 every expert store, cache and prefetcher uses.
 
 Not for: deciding residency or prefetches (expert_store, orchestrator) or the dense parts of a
@@ -37,8 +37,8 @@ class ForwardHooks(Protocol):
         """Model layer `layer`'s post-attention state h [N, D] of the tokens that compute."""
 
     def on_route(self, moe_layer: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
-        """MoE layer `moe_layer` (index) routed: ids [N, K], router scores [N, K]; its misses are already
-        queued and its experts not yet run."""
+        """MoE layer `moe_layer` (index) routed: ids [N, K], router scores [N, K]; its experts' work is issued
+        (on a GPU it may still be running)."""
 
 
 class Router(nn.Module):
@@ -97,8 +97,6 @@ class MoEBlock(nn.Module):
         experts_list, counts_list = experts.tolist(), counts.tolist()
         rows_of = dict(zip(experts_list, order.split(counts_list)))
         self.cache.demand(self.index, experts_list)  # misses go to the copy stream before anything else
-        if hooks is not None:
-            hooks.on_route(self.index, ids, picked)
         rows_out = x.new_empty(n * k, d)
         for e, gate_up, down in self.cache.acquire(self.index, experts_list):
             rows = rows_of[e]
@@ -111,4 +109,8 @@ class MoEBlock(nn.Module):
             if self.spec.shared_gate:
                 shared = torch.sigmoid(self.shared_gate(x)) * shared
             y = y + shared
+        # Told once this layer's work is issued: on a GPU the caller's host work (planning the next layers'
+        # copies) then overlaps this layer's expert compute instead of delaying it.
+        if hooks is not None:
+            hooks.on_route(self.index, ids, picked)
         return y

@@ -6,9 +6,9 @@ a request whose id is its index):
     token start        the prefetcher's begin_step (token-horizon predictions are known now)
     each MoE layer j   its route is known at once; landed keys hit, keys still being copied are late
                        (pulled forward to demand priority), other keys miss and are loaded at top
-                       priority into a free slot or one the eviction policy frees; then the
-                       prefetcher's after_layer (with the trace's gate speculation for layer j+1);
-                       the layer waits for all its keys (stall), then computes for `layer_ms`
+                       priority into a free slot or one the eviction policy frees; the layer waits
+                       for all its keys (stall), then computes for `layer_ms`, and as it starts the
+                       prefetcher's after_layer plans (with the trace's gate speculation for layer j+1)
     copy engine        one link: a transfer takes expert_bytes / bandwidth, one at a time, demand loads
                        first, prefetches by deadline (copy_engine.py)
     cache              budget x (MoE layers x experts) slots, global across layers as in the live
@@ -203,13 +203,6 @@ class _Replay:
                 self._make_room(protected, wait=True)
                 self._load(key, self.now_ms, demand=True)
         counts["uses"] += len(keys)
-        if self.prefetcher is not None:
-            spec = None
-            if self._speculate and j + 1 < self.arrived.shape[0]:
-                guess = self.trace.spec_experts[row, j + 1]
-                spec = {rid: guess} if (guess != self.trace.sentinel).all() else None
-            routed = LayerRoutes(j, {rid: np.asarray(experts)[None]}, spec)
-            self._execute(self.prefetcher.after_layer(routed, self.view()))
         while not all(self.arrived[k] for k in keys):
             self.now_ms = max(self.now_ms, engine.next_landing())
             self._advance(self.now_ms)
@@ -219,10 +212,18 @@ class _Replay:
                 self.unused_prefetch.discard(key)
                 counts["prefetch_used"] += 1
             self.eviction.on_use(key)
-        self.now_ms += self.layer_ms[j]
         if not self.eviction.keeps_experts:
             for key in keys:
                 self._evict(key)
+        self.pinned = frozenset()
+        if self.prefetcher is not None:  # as in the engine: once the layer's experts are running
+            spec = None
+            if self._speculate and j + 1 < self.arrived.shape[0]:
+                guess = self.trace.spec_experts[row, j + 1]
+                spec = {rid: guess} if (guess != self.trace.sentinel).all() else None
+            routed = LayerRoutes(j, {rid: np.asarray(experts)[None]}, spec)
+            self._execute(self.prefetcher.after_layer(routed, self.view()))
+        self.now_ms += self.layer_ms[j]
 
     def _measure_link(self) -> None:
         """Update the link's busy share with the last token's: copies started over time elapsed."""

@@ -22,6 +22,7 @@ import torch
 from predictor.base import RequestId, SessionPredictor, TracePredictor
 from predictor.baselines import multi_hot, ranked_hot
 from predictor.model import RouteTransformer, load_model
+from predictor.numpy_model import NumpyRouteModel, from_torch
 from predictor.online import OnlineConfig, OnlineCorrector, correct_sequence
 from traces.format import Trace
 
@@ -113,15 +114,16 @@ class LearnedPredictor(TracePredictor):
 class LearnedSession:
     """One request's token and route history. predict() extends the transformer's key/value cache by the new
     token (rereading the whole window only when a new window starts, every half context), and refine(j)
-    reuses that pass's state for the layer head."""
+    reuses that pass's state for the layer head. It computes in numpy (numpy_model.py): a live step is a
+    hundred tiny operations, which torch's per-call overhead would make several times slower."""
 
-    def __init__(self, model: RouteTransformer, online: OnlineConfig | None = None) -> None:
-        cfg = model.cfg
-        self.model = model
+    def __init__(self, model: RouteTransformer | NumpyRouteModel, online: OnlineConfig | None = None) -> None:
+        self.model = model if isinstance(model, NumpyRouteModel) else from_torch(model)
+        cfg = self.model.cfg
         self.tokens: list[int] = []
         self.routes: list[np.ndarray] = []  # [L*E] per token, filled as observe_route reports layers
         self.corrector = None if online is None else OnlineCorrector(online, cfg.moe_layers, cfg.n_experts, cfg.top_k)
-        self._encoded: tuple[torch.Tensor, torch.Tensor] | None = None  # last token's (state, logits)
+        self._encoded: tuple[np.ndarray, np.ndarray] | None = None  # last token's (state [D], logits [L, E])
         self._kv: list | None = None  # the transformer's keys and values over the current window
         self._kv_window = (-1, -1)  # (first, last) position the cache covers
 
@@ -145,51 +147,44 @@ class LearnedSession:
             raise RuntimeError("predict before any observe_token")
         t = len(self.tokens) - 1
         w = window_start(t, self.model.cfg.context)
-        device = self.model.token_map.device
         zero = np.zeros_like(self.routes[0])
-        with torch.inference_mode():
-            if self._kv is not None and self._kv_window == (w, t - 1):
-                # One new position: the window's earlier positions are cached (their inputs never change,
-                # since position i reads the routes of token i-1, complete before i was predicted).
-                prev = self.routes[t - 1] if t > 0 else zero
-                state, logits = self.model.encode(
-                    torch.tensor([[self.tokens[t]]], device=device),
-                    torch.from_numpy(prev)[None, None].to(device),
-                    positions=torch.tensor([[t - w]], device=device),
-                    kv=self._kv,
-                )
-            else:  # a new window: read it whole
-                prev = np.stack([self.routes[i - 1] if i > 0 else zero for i in range(w, t + 1)])
-                self._kv = [None] * len(self.model.blocks)
-                tok = torch.tensor([self.tokens[w : t + 1]], dtype=torch.long, device=device)
-                state, logits = self.model.encode(tok, torch.from_numpy(prev)[None].to(device), kv=self._kv)
+        if self._kv is not None and self._kv_window == (w, t - 1):
+            # One new position: the window's earlier positions are cached (their inputs never change,
+            # since position i reads the routes of token i-1, complete before i was predicted).
+            prev = self.routes[t - 1] if t > 0 else zero
+            state, logits = self.model.step(self.tokens[t], prev, t - w, self._kv)
+        else:  # a new window: read it whole
+            prev = np.stack([self.routes[i - 1] if i > 0 else zero for i in range(w, t + 1)])
+            states, window_logits, self._kv = self.model.read_window(np.array(self.tokens[w : t + 1]), prev)
+            state, logits = states[-1], window_logits[-1]
         self._kv_window = (w, t)
-        self._encoded = state[0, -1], logits[0, -1]
-        probs = self.model.probabilities(logits[0, -1]).float().cpu().numpy()
+        self._encoded = state, logits
+        probs = self.model.probabilities(logits).astype(np.float32)
         return probs if self.corrector is None else self.corrector.blend(probs)
 
     def refine(self, layer_index: int, spec: list[int] | None = None) -> np.ndarray | None:
         """`spec`: gate speculation's experts for the layer, best first."""
-        head = self.model.layer_head
-        if head is None or self._encoded is None:
+        if self.model.layer_head is None or self._encoded is None:
             return None
         cfg = self.model.cfg
         state, logits = self._encoded
-        device = state.device
-        routes = torch.from_numpy(self.routes[-1]).view(cfg.moe_layers, cfg.n_experts).to(device)
+        routes = self.routes[-1].reshape(cfg.moe_layers, cfg.n_experts)
         hot = None
-        if spec is not None:
-            hot = torch.from_numpy(ranked_hot(np.asarray(spec, np.int64)[None], cfg.n_experts)[0]).to(device)
-        with torch.inference_mode():
-            refined = head.one_layer(layer_index, state, logits, routes, hot)
-        return self.model.probabilities(refined).float().cpu().numpy()
+        if spec is not None:  # ranked_hot for one row, without its numpy calls (this runs for every layer)
+            hot = np.zeros(cfg.n_experts, np.float32)
+            k = len(spec)
+            for rank, e in enumerate(spec):
+                if 0 <= e < cfg.n_experts:
+                    hot[e] = (k - rank) / k
+        refined = self.model.refine(layer_index, state, logits, routes, hot)
+        return self.model.probabilities(refined).astype(np.float32)
 
 
 class LearnedSessions(SessionPredictor):
     """One LearnedSession per live request; a request's first step may bring its whole prompt."""
 
     def __init__(self, model: RouteTransformer, online: OnlineConfig | None = None, label: str = "learned") -> None:
-        self.model = model
+        self.model = from_torch(model)  # one copy of the weights, shared by every request's session
         self.online = online
         self.label = label
         self.n_layers, self.n_experts = model.cfg.moe_layers, model.cfg.n_experts

@@ -63,8 +63,22 @@ class OnlineCorrector:
         return ((1.0 - w) * model_probs + w * own).astype(np.float32)
 
     def observe(self, layer: int, experts: np.ndarray | list[int]) -> None:
-        """The token last predicted was routed to `experts` at `layer`: score both sources, then count it."""
-        self._update(np.array([layer]), np.asarray(experts, np.int64)[None])
+        """The token last predicted was routed to `experts` at `layer`: score both sources, then count it.
+        `_update`'s arithmetic for one layer in plain Python: the live engine calls this for every layer of
+        every token, where a dozen tiny numpy calls cost more than the work."""
+        ids = [int(e) for e in experts]
+        if self._top_model is not None:
+            a = self.recall_decay
+            top_model, top_own = set(self._top_model[layer].tolist()), set(self._top_own[layer].tolist())
+            hit_model = sum(e in top_model for e in ids) / len(ids)
+            hit_own = sum(e in top_own for e in ids) / len(ids) if self.mass[layer] > 0 else 0.0
+            self.r_model[layer] = a * self.r_model[layer] + (1 - a) * hit_model
+            self.r_own[layer] = a * self.r_own[layer] + (1 - a) * hit_own
+        row = self.counts[layer]
+        row *= self.decay
+        self.mass[layer] = self.decay * self.mass[layer] + 1.0
+        for e in ids:
+            row[e] += 1.0
 
     def observe_all(self, experts: np.ndarray) -> None:
         """observe() of every layer at once: experts [L, K] (layers are independent, so the result is the same)."""

@@ -148,9 +148,10 @@ def test_learned_predictor_with_layer_head_drives_the_live_planner(tiny_models):
     n_layers = len(trace.info.moe_layers)
     assert {j for j, _ in refined} == set(range(1, n_layers))
     assert all(spec is not None and len(spec) == trace.info.top_k for _, spec in refined)
-    # one plan as each decode step starts and one as each of its layers routes
+    # a plan as each decode step starts and after its last layer; after the other layers, one wherever the next
+    # layer's refined prediction wants a key that is not resident or coming
     decode_steps = len(result.step_s) - 1
-    assert loaded.policy.prefetcher.plans == (n_layers + 1) * decode_steps
+    assert 2 * decode_steps < loaded.policy.prefetcher.plans < (n_layers + 1) * decode_steps
 
 
 # -- one ExpertFlow: the simulator and the engine make the same plans -----------------------------------
@@ -269,7 +270,7 @@ def test_simulator_and_engine_make_the_same_plans(tiny_models):
 
         assert isinstance(live[0].inner, type(sim_recording.inner))  # the same class ...
         assert live[0].plans == sim_recording.plans  # ... made the same plans, call by call
-        assert len(live[0].plans) == n_requests * new_tokens * (n_layers + 1)
+        assert 2 * n_requests * new_tokens <= len(live[0].plans) <= n_requests * new_tokens * (n_layers + 1)
         assert any(fetch for fetch, _, _ in live[0].plans) and any(evict for _, _, evict in live[0].plans)
         hits = sum(s.hits for s in stats)
         uses = sum(s.accesses for s in stats)

@@ -452,3 +452,17 @@ def test_activation_sessions_predict_what_the_replay_does():
         assert np.allclose(got, replay[t], atol=1e-5), t
         for j in range(2):
             assert sessions.layer(j, {"r": test.experts[t : t + 1, j]}) == {}
+
+
+def test_corrector_observe_one_layer_is_the_vectorised_update():
+    rng = np.random.default_rng(0)
+    fast, reference = OnlineCorrector(OnlineConfig(), 4, 8, 2), OnlineCorrector(OnlineConfig(), 4, 8, 2)
+    for _ in range(200):
+        p = rng.random((4, 8)).astype(np.float32)
+        assert np.array_equal(fast.blend(p), reference.blend(p))
+        for j in range(4):
+            e = rng.choice(8, 2, replace=False)
+            fast.observe(j, e)
+            reference._update(np.array([j]), e[None])
+        for name in ("counts", "mass", "r_model", "r_own"):
+            assert np.array_equal(getattr(fast, name), getattr(reference, name)), name

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import prompt_ids
+from conftest import DEVICES, prompt_ids
 from expert_store.plan import CacheView, Plan
 from expert_store.timing import FixedTiming
 from expertflow.engine import Engine, SamplingParams
@@ -53,12 +53,13 @@ class _RepeatLastSessions(SessionPredictor):
             self.current.pop(rid, None)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2"])
-def test_expertflow_prefetches_and_never_changes_outputs(tiny_models, family):
+def test_expertflow_prefetches_and_never_changes_outputs(tiny_models, family, device):
     directory, _ = tiny_models[family]
     prompts = [prompt_ids(20, 9), prompt_ids(21, 14)]
     params = SamplingParams(max_new_tokens=16, stop_on_eos=False)
-    lru = load(directory, LoadOptions(expert_budget="25%", policy="lru"))
+    lru = load(directory, LoadOptions(device=device, expert_budget="25%", policy="lru"))
     expected = Engine(lru).generate(prompts, params)
     lru.close()
 
@@ -66,14 +67,22 @@ def test_expertflow_prefetches_and_never_changes_outputs(tiny_models, family):
         config = ExpertFlowConfig(plan=PlanConfig(threshold=0.5))
         return policy_inputs(space, learned=_RepeatLastSessions(*space.shape), expertflow=config)
 
-    for budget, planning in [("25%", "inline"), ("100%", "inline"), ("25%", "thread")]:
-        options = LoadOptions(expert_budget=budget, policy="expertflow", policy_inputs=inputs, planning=planning)
+    runs = [("25%", "100%", "inline"), ("100%", "100%", "inline"), ("25%", "100%", "thread"), ("25%", "0", "inline")]
+    for budget, host, planning in runs:
+        options = LoadOptions(
+            device=device,
+            expert_budget=budget,
+            host_budget=host,
+            policy="expertflow",
+            policy_inputs=inputs,
+            planning=planning,
+        )
         loaded = load(directory, options)
         result = Engine(loaded).generate(prompts, params)
         loaded.close()
         assert [o.token_ids for o in result.outputs] == [o.token_ids for o in expected.outputs]
         total = result.stats.total
-        print(budget, planning, total.to_dict())
+        print(budget, host, planning, total.to_dict())
         flow = loaded.policy.prefetcher
         assert getattr(flow, "inner", flow).plans > 0  # the deadline planner ran at every decode layer
         if budget == "25%":  # at 100% every expert stays resident after the prefill

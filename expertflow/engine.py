@@ -144,7 +144,8 @@ class _StepHooks:
         # Speculation costs a router pass per layer; prompts would not use it (their routes are unknown).
         decode = all(len(r.new_tokens) == 1 for r in requests)
         self.speculate = prefetcher is not None and prefetcher.wants_speculation and decode
-        self.spec: dict[int, torch.Tensor] = {}  # MoE layer index -> speculated ids [N, K], on the device
+        # MoE layer index -> (speculated ids [N, K] on their way to the host, an event when they are there)
+        self.spec: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         # Host time spent deciding what to prefetch: views, gate speculation, the prefetcher's calls. Executing
         # the plans (issuing copies, as for any miss) is the cache's work and is not counted.
         self.plan_s = 0.0
@@ -161,7 +162,13 @@ class _StepHooks:
             t0 = time.perf_counter()
             speculated = self.model.speculate(layer, h)
             if speculated is not None:
-                self.spec[speculated[0]] = speculated[1]  # read on the host only when used
+                # Start the copy to the host now, ahead of this layer's experts in the device's queue; wait
+                # for it (`ready`) only when the next layer is planned.
+                ids = speculated[1].to("cpu", non_blocking=True)
+                ready = torch.cuda.Event() if ids.is_pinned() else None
+                if ready is not None:
+                    ready.record()
+                self.spec[speculated[0]] = (ids, ready)
             self.plan_s += time.perf_counter() - t0
 
     def on_route(self, moe_layer: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
@@ -170,12 +177,15 @@ class _StepHooks:
         if self.prefetcher is None:
             return
         t0 = time.perf_counter()
-        rows = ids.cpu().numpy()  # the MoE block read them on the host already: no extra wait
+        rows = ids.cpu().numpy()  # the MoE block hands them over on the host
         routes = {rid: rows[a:b] for rid, a, b in self.rows}
         spec = self.spec.pop(moe_layer + 1, None)
         speculation = None
         if spec is not None:
-            spec_rows = spec.cpu().numpy()
+            spec_ids, ready = spec
+            if ready is not None:
+                ready.synchronize()
+            spec_rows = spec_ids.numpy()
             speculation = {rid: spec_rows[b - 1] for rid, a, b in self.rows}
         plan = self.prefetcher.after_layer(LayerRoutes(moe_layer, routes, speculation), self.cache.view())
         self.plan_s += time.perf_counter() - t0

@@ -37,8 +37,8 @@ class ForwardHooks(Protocol):
         """Model layer `layer`'s post-attention state h [N, D] of the tokens that compute."""
 
     def on_route(self, moe_layer: int, ids: torch.Tensor, scores: torch.Tensor) -> None:
-        """MoE layer `moe_layer` (index) routed: ids [N, K], router scores [N, K]; its experts' work is issued
-        (on a GPU it may still be running)."""
+        """MoE layer `moe_layer` (index) routed: ids [N, K] (on the host), router scores [N, K] (on the device);
+        its experts' work is issued (on a GPU it may still be running: reading `scores` waits for it)."""
 
 
 class Router(nn.Module):
@@ -95,6 +95,9 @@ class MoEBlock(nn.Module):
         order = flat.argsort(stable=True)  # (token, k) rows grouped by expert
         experts, counts = flat[order].unique_consecutive(return_counts=True)
         experts_list, counts_list = experts.tolist(), counts.tolist()
+        # The host has waited for the routing already; read the ids now too, while the device has nothing
+        # queued behind them: read later, they would wait for this layer's experts (and their copies).
+        ids_host = ids.cpu() if hooks is not None else ids
         rows_of = dict(zip(experts_list, order.split(counts_list)))
         self.cache.demand(self.index, experts_list)  # misses go to the copy stream before anything else
         rows_out = x.new_empty(n * k, d)
@@ -112,5 +115,5 @@ class MoEBlock(nn.Module):
         # Told once this layer's work is issued: on a GPU the caller's host work (planning the next layers'
         # copies) then overlaps this layer's expert compute instead of delaying it.
         if hooks is not None:
-            hooks.on_route(self.index, ids, picked)
+            hooks.on_route(self.index, ids_host, picked)
         return y

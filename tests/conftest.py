@@ -25,6 +25,16 @@ def tiny_models(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine slows multi-threaded torch many times over.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def mixtral_dir(tiny_models) -> Path:
     return tiny_models["mixtral"][0]

@@ -15,12 +15,7 @@ from predictor.train import DEFAULT_SECONDS, TrainConfig
 from traces.format import Trace, TraceInfo
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trace(seed: int = 0, n_seq: int = 6, length: int = 20, expert_bytes: int | None = 1000) -> Trace:

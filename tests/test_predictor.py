@@ -25,13 +25,7 @@ from predictor.train import TrainConfig, model_config_for, train
 from traces.format import Trace, TraceInfo, load_trace
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine slows multi-threaded torch many times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trace(tokens, lengths, experts, n_experts=8, spec=None, domains=None, domain_names=("a",)) -> Trace:

@@ -22,12 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--d-model", "16", "--layers", "1", "--heads", "2", "--context", "16", "--layer-dim", "8", "--threads", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -5,19 +5,25 @@ one of three states once it has a slot: queued (a planned prefetch not yet issue
 copying (issued to the copy stream, or its bytes still being staged from a slower tier), landed.
 Evicted experts are read-only copies and are never written back.
 
-Per MoE layer the engine calls, in this order:
+Per MoE layer, in this order:
 
     demand(layer, experts)   count hits (landed), late (queued or copying) and misses; misses get a slot
                              (the eviction policy frees one if needed) and go to the copy stream at once,
                              queued prefetches of this layer's keys too; the layer's keys are pinned
-    execute(plan)            a prefetcher's plan: cancel queued copies, evict landed keys, queue fetches
-                             earliest deadline first, each with its slot reserved now
     acquire(layer, experts)  yield each expert's weight views, landed ones first, so compute starts
-                             while misses are still copying; unpins the layer when done
+                             while misses are still copying; the layer's uses reach the eviction policy
+                             once all are issued, and the layer is unpinned
+    execute(plan)            a prefetcher's plan (the engine plans once the layer's work is issued):
+                             cancel queued copies, evict landed keys, queue fetches earliest deadline
+                             first, each with its slot reserved now
 
 Queued prefetches go to the copy stream at most `max_inflight` at a time, so a demand load waits
-behind at most that many; the queue advances whenever the cache is called. `view()` is the
-read-only snapshot prefetchers plan with (expert_store/plan.py), with the injected clock and times.
+behind at most that many; the queue moves on at each plan and after each expert `acquire` yields.
+`view()` is the read-only snapshot prefetchers plan with (expert_store/plan.py), with the injected
+clock and times. A read from a slower tier that fails frees its slot: a prefetch is dropped (loaded on
+demand if used), a demand load raises `ExpertReadError`.
+
+Shape legend: L = MoE layers, E = experts per layer, D = hidden, F = expert FFN size.
 
 Not for: choosing victims (eviction.py), deciding what to prefetch (orchestrator/), reading
 checkpoints (store.py).
@@ -39,9 +45,13 @@ from expert_store.keys import ExpertKey
 from expert_store.plan import CacheView, InFlight, Plan
 from expert_store.residency import Residency
 from expert_store.stats import CacheStats
-from expert_store.store import ExpertStore, StagedRead, Tier
+from expert_store.store import ExpertStore, StagedRead
 from expert_store.timing import Clock, MeasuredTiming, StepTiming, wall_clock_ms
 from expert_store.transfer import Copier
+
+
+class ExpertReadError(RuntimeError):
+    """An expert a layer needs could not be read from its tier (a file or a remote store failed)."""
 
 
 @dataclass
@@ -67,11 +77,13 @@ class ExpertCache:
         max_inflight: int = 4,
         timing: StepTiming | None = None,
         clock: Clock = wall_clock_ms,
+        shape: tuple[int, int] | None = None,
     ):
+        """`shape` (L, E): the model's expert space (default: the store's keys' extent)."""
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
         keys = store.keys()
-        self.shape = (max(k[0] for k in keys) + 1, max(k[1] for k in keys) + 1)  # (L, E)
+        self.shape = shape or (max(k[0] for k in keys) + 1, max(k[1] for k in keys) + 1)
         self.store = store
         self.layout = store.layout
         self.device = device
@@ -98,6 +110,7 @@ class ExpertCache:
         self._copying: dict[ExpertKey, _Copy] = {}  # in issue order
         self._pinned: frozenset[ExpertKey] = frozenset()  # the running layer's keys not used yet
         self._waiting: list[ExpertKey] = []  # its misses that found no slot yet
+        self._last_layer: frozenset[ExpertKey] = frozenset()  # the keys of the layer acquired last
         self._prefetched_unused: set[ExpertKey] = set()
         self.stats = CacheStats()
 
@@ -122,20 +135,19 @@ class ExpertCache:
         for _, _, key in self._queue:
             clock += transfer
             in_flight.append(InFlight(key, clock, started=False))
+        # The running layer's keys; once its work is issued (a prefetcher plans then), those of its demand
+        # copies still under way: the layer cannot finish before they land (CacheView.ready_ms).
+        pinned = self._pinned or frozenset(k for k, c in self._copying.items() if c.demand and k in self._last_layer)
         return CacheView(
             now_ms=now,
             n_slots=self.n_slots,
             resident=self._landed.copy(),
             in_flight=tuple(in_flight),
-            pinned=self._pinned,
+            pinned=pinned,
             layer_ms=self.timing.layer_ms,
             transfer_ms=transfer,
             link_busy=self.timing.link_busy,
         )
-
-    def is_landed(self, key: ExpertKey) -> bool:
-        self._poll()
-        return bool(self._landed[key])
 
     def state(self, key: ExpertKey) -> str:
         """"landed", "copying", "queued" or "absent" (for tests and reports)."""
@@ -160,7 +172,7 @@ class ExpertCache:
         representative, e.g. a prompt's) also updates the times prefetchers plan with."""
         stats = self.take_stats()
         if seconds is not None:
-            self.timing.record_step(seconds, stats.copy_s, stats.misses + stats.prefetches)
+            self.timing.record_step(seconds, stats.copy_s + stats.read_s, stats.misses + stats.prefetches)
         return stats
 
     # -- per layer ------------------------------------------------------------------------------
@@ -169,7 +181,7 @@ class ExpertCache:
         find no slot (a layer needing more experts than the cache holds) load during `acquire`, in the
         slots of this layer's experts already used."""
         keys = [ExpertKey(layer, e) for e in experts]
-        self._pinned = frozenset(keys)
+        self._pinned = self._last_layer = frozenset(keys)
         self._waiting = []
         self._poll()
         for key in keys:
@@ -301,7 +313,17 @@ class ExpertCache:
             copying = [k for k in self._copying if k not in protected]
             if not copying:
                 return None  # every slot holds a key the running layer has yet to use
-            self._wait_landed(copying[0])
+            # Give up the oldest copy under way. Its slot's next copy queues behind it on the copy stream, so
+            # nothing waits on the device; only a read from a slower tier still filling a buffer must finish.
+            # (The simulator waits for that copy to land instead: on its one modelled link it is the same time.)
+            key = copying[0]
+            copy = self._copying.pop(key)
+            if copy.read is not None:
+                if not self._end_read(key, copy, block=True, queued=False):
+                    continue  # the read failed: its slot is free already
+                if copy.staging is not None:
+                    self._staging_taken.discard(copy.staging)  # filled, never copied on: free again
+            self._evict(key)
         return slot
 
     def _issue(self, key: ExpertKey, slot: int, demand: bool, prefetch: bool) -> None:
@@ -325,22 +347,47 @@ class ExpertCache:
                 copy.read = self.store.stage(key, self.slots[slot])
         self._advance(key, copy)
 
-    def _advance(self, key: ExpertKey, copy: _Copy) -> None:
-        """Move a copy on if it can: a finished staged read goes to the device, a landed copy is landed."""
+    def _advance(self, key: ExpertKey, copy: _Copy, block: bool = False) -> None:
+        """Move a copy on if it can (`block`: wait for its read): a finished staged read goes to the device, a
+        landed copy is landed. A read that failed frees the key's slot; see `_end_read`."""
         if copy.read is not None:
-            if not copy.read.done():
+            if not block and not copy.read.done():
                 return
-            copy.read.wait()  # re-raises a failed read here
-            copy.read = None
+            if not self._end_read(key, copy, block, queued=True):
+                return
             if copy.staging is not None:
                 copy.ready = self.copier.copy(
                     self.slots[copy.slot], self._staging[copy.staging], after=self._released[copy.slot]
                 )
                 self._staging_free[copy.staging] = copy.ready
                 self._staging_taken.discard(copy.staging)
-        if copy.read is None and self.copier.landed(copy.ready):
+        if self.copier.landed(copy.ready):
             del self._copying[key]
             self._landed[key] = True
+
+    def _end_read(self, key: ExpertKey, copy: _Copy, block: bool, queued: bool) -> bool:
+        """Collect a staged read's outcome (waiting for it if `block`; the wait is stall). On failure the key
+        gives up its slot (`queued`: it is still among the copies): a prefetch is dropped, to be loaded on demand
+        if used; a demand load raises, naming the expert and its tier. True if the bytes are there."""
+        t0 = time.perf_counter()
+        try:
+            copy.read.wait()
+        except Exception as e:
+            if queued:
+                del self._copying[key]
+            if copy.staging is not None:
+                self._staging_taken.discard(copy.staging)
+            self._release(key)
+            self.stats.failed_reads += 1
+            if copy.demand:
+                raise ExpertReadError(f"expert {tuple(key)} could not be read from its tier: {e}") from e
+            return False
+        finally:
+            if block:
+                self.stats.stall_s += time.perf_counter() - t0
+        self.stats.read_s += copy.read.seconds
+        copy.read = None
+        return True
 
     def _take_staging(self) -> int:
         """A staging buffer no read is filling and no device copy is still reading."""
@@ -351,11 +398,7 @@ class ExpertCache:
         free = [i for i in range(len(self._staging)) if i not in self._staging_taken]
         if not free:  # every buffer is being filled: finish the oldest read
             oldest = next(k for k, c in self._copying.items() if c.staging is not None and c.read is not None)
-            c = self._copying[oldest]
-            t0 = time.perf_counter()
-            c.read.wait()
-            self.stats.stall_s += time.perf_counter() - t0
-            self._advance(oldest, c)
+            self._advance(oldest, self._copying[oldest], block=True)
             free = [i for i in range(len(self._staging)) if i not in self._staging_taken]
         self.copier.host_wait(self._staging_free[free[0]])
         self._staging_taken.add(free[0])
@@ -383,11 +426,8 @@ class ExpertCache:
             self._issue(key, slot, demand=True, prefetch=True)
         copy = self._copying.get(key)
         if copy is not None:
-            if copy.read is not None:
-                t0 = time.perf_counter()  # reading a slower tier blocks the host: stall on any device
-                copy.read.wait()
-                self.stats.stall_s += time.perf_counter() - t0
-                self._advance(key, copy)
+            if copy.read is not None:  # reading a slower tier blocks the host: stall on any device
+                self._advance(key, copy, block=True)
             if key in self._copying:
                 self.copier.wait(copy.ready)
                 del self._copying[key]

@@ -81,9 +81,6 @@ class Lru(EvictionPolicy):
     def on_evict(self, key: ExpertKey) -> None:
         self._order.pop(key, None)
 
-    def oldest_first(self) -> list[ExpertKey]:
-        return list(self._order)
-
     def victim(self, candidates: Collection[ExpertKey]) -> ExpertKey | None:
         allowed = candidates if isinstance(candidates, (set, frozenset, dict)) else set(candidates)
         return next((k for k in self._order if k in allowed), min(allowed, default=None))

@@ -67,11 +67,3 @@ class ExpertSpace:
 
     def keys(self) -> list[ExpertKey]:
         return [ExpertKey(j, e) for j in range(self.n_layers) for e in range(self.n_experts)]
-
-    def __contains__(self, key: object) -> bool:
-        return (
-            isinstance(key, tuple)
-            and len(key) == 2
-            and 0 <= key[0] < self.n_layers
-            and 0 <= key[1] < self.n_experts
-        )

@@ -55,7 +55,9 @@ class CacheView:
     n_slots: int
     resident: np.ndarray  # [L, E] bool: landed in a slot
     in_flight: tuple[InFlight, ...] = ()  # slot taken, not landed (demand loads included), in service order
-    pinned: frozenset[ExpertKey] = field(default_factory=frozenset)  # the running layer's keys
+    # the running layer's keys: never evicted nor cancelled (after a layer's work is issued, those of its own
+    # copies still under way)
+    pinned: frozenset[ExpertKey] = field(default_factory=frozenset)
     layer_ms: tuple[float, ...] = ()  # [L] time of each MoE layer's whole block
     transfer_ms: float = 0.0  # one expert over the link
     link_busy: float = 0.0  # share of recent time the link spent copying, 0..1

@@ -21,6 +21,8 @@ class CacheStats:
     bytes_from_nvme: int = 0
     stall_s: float = 0.0  # compute time spent waiting for expert copies
     copy_s: float = 0.0  # time the copy engine spent copying
+    read_s: float = 0.0  # time reads from a slower tier (NVMe, another host) took, on their reader threads
+    failed_reads: int = 0  # reads of a slower tier that failed (a prefetch dropped, or a demand load's error)
     plan_s: float = 0.0  # host time the engine spent deciding prefetches: views, speculation, prefetcher calls
 
     @property

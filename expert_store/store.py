@@ -8,8 +8,9 @@ Two ways to get bytes that are not already in host RAM (`host_view` is None):
 
     read_into(key, out)   blocking: returns once `out` holds the expert
     stage(key, out)       asynchronous: starts the read and returns a `StagedRead` at once; the cache
-                          starts it when it queues a copy and waits only when the copy must go out, so a
-                          slow tier (NVMe, another host) is not a blocking call inside the MoE block
+                          starts it when it issues a copy (a demand load, or a prefetch among the few
+                          issued at a time) and waits only when the layer needs the expert, so a slow
+                          tier (NVMe, another host) is not a blocking call inside the MoE block
 
 Placement is static: experts fill the host arena in key order until the host budget is spent; the
 rest are served from the NVMe files.
@@ -20,8 +21,9 @@ Not for: the GPU cache, eviction, or prefetch decisions.
 from __future__ import annotations
 
 import enum
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -41,6 +43,8 @@ class Tier(enum.Enum):
 class StagedRead(ABC):
     """A read into a host buffer that may still be running."""
 
+    seconds: float = 0.0  # how long the read itself took, once done (0 if it was not timed)
+
     @abstractmethod
     def done(self) -> bool: ...
 
@@ -50,8 +54,9 @@ class StagedRead(ABC):
 
 
 class _Finished(StagedRead):
-    def __init__(self, tier: Tier) -> None:
+    def __init__(self, tier: Tier, seconds: float = 0.0) -> None:
         self._tier = tier
+        self.seconds = seconds
 
     def done(self) -> bool:
         return True
@@ -61,8 +66,17 @@ class _Finished(StagedRead):
 
 
 class _Pending(StagedRead):
-    def __init__(self, future: Future[Tier]) -> None:
-        self._future = future
+    """A read running on a reader thread; `seconds` is set there when it finishes."""
+
+    def __init__(self, read: Callable[[], Tier], readers: ThreadPoolExecutor) -> None:
+        self._future: Future[Tier] = readers.submit(self._timed, read)
+
+    def _timed(self, read: Callable[[], Tier]) -> Tier:
+        t0 = time.perf_counter()
+        try:
+            return read()
+        finally:
+            self.seconds = time.perf_counter() - t0
 
     def done(self) -> bool:
         return self._future.done()
@@ -163,7 +177,7 @@ class LocalExpertStore(ExpertStore):
     def stage(self, key: ExpertKey, out: torch.Tensor) -> StagedRead:
         if self.host_view(key) is not None or self._readers is None:
             return _Finished(self.read_into(key, out))
-        return _Pending(self._readers.submit(self.read_into, key, out))
+        return _Pending(lambda: self.read_into(key, out), self._readers)
 
     def _check(self, key: ExpertKey) -> None:
         if key not in self._names:

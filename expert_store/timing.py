@@ -33,7 +33,8 @@ class StepTiming(ABC):
 
     @abstractmethod
     def record_step(self, seconds: float, copy_s: float, copies: int) -> None:
-        """A forward pass over every MoE layer took `seconds`; the link copied `copies` experts in `copy_s`."""
+        """A forward pass over every MoE layer took `seconds`; `copies` experts came in `copy_s` (the copy
+        engine's time plus the reads from slower tiers)."""
 
 
 @dataclass

@@ -10,6 +10,9 @@ explicitly: `begin_step` with the live requests by id and their new tokens befor
 `after_layer` from the pass's hooks as each MoE layer routes, `finish` when a request stops; each
 call gets the cache's view and the cache executes the plan it returns.
 
+Shape legend: B = requests in the batch, T = new tokens this step, V = vocab, N = routed tokens
+(not padding, not finished), K = experts per token.
+
 Not for: text (tokenizer.py), loading (loader.py), residency (expert_store) or what to prefetch
 (orchestrator).
 """
@@ -263,8 +266,12 @@ class Engine:
         tokens, pads, compute, caches = self._batch(prompts, 0)
         ids = [str(next(self._ids)) for _ in prompts]
         requests = [StepRequest(i, tuple(p)) for i, p in zip(ids, prompts)]
-        logits, _, _ = self._step(requests, lambda hooks: self.model(tokens, caches, 0, pads, compute, hooks), recorder)
-        self._finish(ids)
+        try:
+            logits, _, _ = self._step(
+                requests, lambda hooks: self.model(tokens, caches, 0, pads, compute, hooks), recorder
+            )
+        finally:
+            self._finish(ids)
         return [logits[i, int(pads[i]) :] for i in range(len(prompts))]
 
     def generate(
@@ -288,50 +295,51 @@ class Engine:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         ids = [str(next(self._ids)) for _ in prompts]
-
-        t0 = time.perf_counter()
-        prompt_step = [StepRequest(i, tuple(p)) for i, p in zip(ids, prompts)]
-        logits, step_stats, _ = self._step(
-            prompt_step,
-            lambda hooks: self.model(tokens, caches, 0, pads, compute, hooks, last_only=True)[:, -1],  # B V
-            recorder,
-        )
-        stats.record(step_stats)
-        prefill_s = time.perf_counter() - t0
-
-        step_s = [prefill_s]
-        outs: list[list[int]] = [[] for _ in range(b)]
-        reasons = ["length"] * b
         alive = [True] * b
-        t0 = time.perf_counter()
-        for step in range(max_new):
-            next_ids = sample(logits, params, generator)  # B
-            sampled = next_ids.tolist()
-            emitted = [(i, sampled[i]) for i in range(b) if alive[i]]
-            stopped = []
-            for i in range(b):
-                if alive[i]:
-                    outs[i].append(sampled[i])
-                    if sampled[i] in eos:
-                        reasons[i], alive[i] = "eos", False
-                        stopped.append(ids[i])
-            self._finish(stopped)
-            if on_tokens is not None:
-                on_tokens(emitted)
-            if step == max_new - 1 or not any(alive):
-                break
-            live = torch.tensor(alive, device=device)
-            requests = [StepRequest(ids[i], (sampled[i],)) for i in range(b) if alive[i]]
-            logits, step_stats, seconds = self._step(
-                requests,
-                lambda hooks: self.model(
-                    next_ids[:, None], caches, longest + step, pads, live[:, None], hooks, last_only=True
-                )[:, -1],
+        try:
+            t0 = time.perf_counter()
+            prompt_step = [StepRequest(i, tuple(p)) for i, p in zip(ids, prompts)]
+            logits, step_stats, _ = self._step(
+                prompt_step,
+                lambda hooks: self.model(tokens, caches, 0, pads, compute, hooks, last_only=True)[:, -1],  # B V
                 recorder,
             )
             stats.record(step_stats)
-            step_s.append(seconds)
-        self._finish([ids[i] for i in range(b) if alive[i]])
+            prefill_s = time.perf_counter() - t0
+
+            step_s = [prefill_s]
+            outs: list[list[int]] = [[] for _ in range(b)]
+            reasons = ["length"] * b
+            t0 = time.perf_counter()
+            for step in range(max_new):
+                next_ids = sample(logits, params, generator)  # B
+                sampled = next_ids.tolist()
+                emitted = [(i, sampled[i]) for i in range(b) if alive[i]]
+                stopped = []
+                for i in range(b):
+                    if alive[i]:
+                        outs[i].append(sampled[i])
+                        if sampled[i] in eos:
+                            reasons[i], alive[i] = "eos", False
+                            stopped.append(ids[i])
+                self._finish(stopped)
+                if on_tokens is not None:
+                    on_tokens(emitted)
+                if step == max_new - 1 or not any(alive):
+                    break
+                live = torch.tensor(alive, device=device)
+                requests = [StepRequest(ids[i], (sampled[i],)) for i in range(b) if alive[i]]
+                logits, step_stats, seconds = self._step(
+                    requests,
+                    lambda hooks: self.model(
+                        next_ids[:, None], caches, longest + step, pads, live[:, None], hooks, last_only=True
+                    )[:, -1],
+                    recorder,
+                )
+                stats.record(step_stats)
+                step_s.append(seconds)
+        finally:  # also when a step or a callback raises: the prefetcher forgets every request
+            self._finish([ids[i] for i in range(b) if alive[i]])
         decode_s = time.perf_counter() - t0
 
         outputs = [RequestOutput(list(p), o, r) for p, o, r in zip(prompts, outs, reasons)]

@@ -229,7 +229,14 @@ def load(directory: str | Path, options: LoadOptions = LoadOptions(), store: Exp
         if options.planning == "thread" and policy.prefetcher is not None:
             policy = CachePolicy(policy.name, policy.eviction, PlanningThread(policy.prefetcher))
         cache = ExpertCache(
-            store, n_slots, device, policy.eviction, make_copier(device), timing=options.timing, clock=options.clock
+            store,
+            n_slots,
+            device,
+            policy.eviction,
+            make_copier(device),
+            timing=options.timing,
+            clock=options.clock,
+            shape=space.shape,
         )
     except BaseException:  # a bad policy or Ctrl-C: the caller never gets the store to close
         if policy is not None and policy.prefetcher is not None:
@@ -247,11 +254,19 @@ def load(directory: str | Path, options: LoadOptions = LoadOptions(), store: Exp
 
 
 def _check_store(store: ExpertStore, keys, layout: ExpertLayout) -> None:
+    """The store must serve exactly this model's experts, in its layout."""
     if store.layout != layout:
         raise ValueError(f"the expert store holds experts laid out as {store.layout}, the model needs {layout}")
-    missing = set(keys) - set(store.keys())
-    if missing:
-        raise ValueError(f"the expert store lacks {len(missing)} of the model's experts, e.g. {min(missing)}")
+    wanted, held = set(keys), set(store.keys())
+    if wanted - held:
+        missing = wanted - held
+        raise ValueError(f"the expert store lacks {len(missing)} of the model's experts, e.g. {tuple(min(missing))}")
+    if held - wanted:
+        extra = held - wanted
+        raise ValueError(
+            f"the expert store holds {len(extra)} experts this model does not have, e.g. {tuple(min(extra))}: "
+            "it serves another model"
+        )
 
 
 def _load_dense(model: MoETransformer, family: Family, files: CheckpointFiles, spec: ModelSpec) -> int:

@@ -8,7 +8,9 @@ supersedes the rest). The cache executes it as it executes any plan, skipping wh
 since the view (a fetched key already resident, an evicted key now in use): a late plan may cost a copy or a
 hit, never correctness. This is how a prefetcher in another process behaves too.
 
-The worker stops on `close()` (the loaded model closes its policy), after the calls already queued.
+The worker stops on `close()` (the loaded model closes its policy), after the calls already queued. The only
+state both threads touch is what a prefetcher hands the cache by reference (its eviction policy's `use` ranking,
+a hot set), rebound whole by the worker, never changed in place.
 
 Not for: the prefetching logic itself (any Prefetcher), or anything the simulator runs (it calls prefetchers
 directly, on its modelled clock).
@@ -36,7 +38,8 @@ class PlanningThread(Prefetcher):
         self._ready: tuple[int, Plan] | None = None  # (call number, plan) of the newest finished plan
         self._taken = -1  # call number of the last plan handed out
         self._error: BaseException | None = None
-        self.calls = 0
+        self.calls = 0  # calls handed to the worker
+        self.done = 0  # calls the worker has finished
         self.dropped = 0  # finished plans superseded before the engine took them
         self._thread = threading.Thread(target=self._work, name=f"{inner.name}-planner", daemon=True)
         self._thread.start()
@@ -51,6 +54,11 @@ class PlanningThread(Prefetcher):
 
     def finish(self, request_ids: Iterable[RequestId]) -> None:
         self._submit(self.inner.finish, list(request_ids))
+
+    @property
+    def lag(self) -> int:
+        """Calls handed over but not yet finished: how far the worker is behind the engine."""
+        return self.calls - self.done
 
     def poll(self) -> Plan | None:
         if self._error is not None:
@@ -78,12 +86,15 @@ class PlanningThread(Prefetcher):
         while (call := self._calls.get()) is not None:
             number, method, args = call
             if self._error is not None:
+                self.done = number
                 continue  # keep draining until close(); the engine sees the error at its next poll
             try:
                 plan = method(*args)
             except BaseException as e:  # noqa: BLE001 - handed to the engine's thread, which raises it
                 self._error = e
+                self.done = number
                 continue
+            self.done = number
             if plan:
                 with self._lock:
                     if self._ready is not None and self._ready[0] > self._taken:

@@ -4,9 +4,10 @@ The engine (and the simulator, in the same order) calls a prefetcher explicitly:
 
     begin_step(requests, view)   once per forward pass, with the batch's live requests by id and the
                                  tokens each brings (its prompt at its first step, then one token)
-    after_layer(routed, view)    once per MoE layer, when it has routed and its misses are queued, before
-                                 its experts run: the layer's routes per request, and the next layer's
-                                 gate speculation where the server computes it (`wants_speculation`)
+    after_layer(routed, view)    once per MoE layer, once its experts' work is issued (misses first on the
+                                 copy stream; on a GPU the experts may still be running): the layer's routes
+                                 per request, and the next layer's gate speculation where the server
+                                 computes it (`wants_speculation`)
     finish(ids)                  requests that left the batch
     poll()                       a plan finished since (asynchronous prefetchers: planning_thread.py)
 

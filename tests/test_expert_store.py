@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -229,4 +231,66 @@ def test_store_stages_nvme_experts_asynchronously(mixtral_dir):
         store.read_into(ExpertKey(1, e), reference)
         assert torch.equal(got[e], store.layout.views(reference)[0])
     assert cache.stats.bytes_from_nvme == 2 * store.layout.nbytes and cache.stats.late + cache.stats.hits == 2
+    store.close()
+
+
+class _FailingStore(LocalExpertStore):
+    """NVMe reads of the listed experts fail (a bad disk sector, a remote store gone)."""
+
+    def __init__(self, *args, failing=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failing = set(failing)
+
+    def read_into(self, key, out):
+        if key in self.failing:
+            raise OSError(f"I/O error reading {tuple(key)}")
+        return super().read_into(key, out)
+
+
+def test_a_failed_read_frees_its_slot_drops_a_prefetch_and_names_a_demanded_expert(mixtral_dir):
+    from expert_store.device_cache import ExpertReadError
+
+    files = CheckpointFiles(mixtral_dir)
+    family = family_for(["MixtralForCausalLM"], None)
+    names = {(layer, e): family.expert_names(layer, e) for layer in range(3) for e in range(8)}
+    layout = ExpertLayout(64, 96, torch.float32)
+    store = _FailingStore(files, names, layout, 0, pin_for_cuda=False, failing={(0, 1)})
+    cache = ExpertCache(store, 4, torch.device("cpu"), Lru(), CpuCopier())
+    cache.execute(fetch((0, 1), (0, 2)))  # the prefetch of (0, 1) fails: dropped, its slot free again
+    for _ in range(100):
+        cache.view()
+        if cache.stats.failed_reads:
+            break
+        threading.Event().wait(0.01)
+    assert cache.stats.failed_reads == 1 and cache.state((0, 1)) == "absent"
+    assert [e for e, *_ in cache.acquire(0, [2, 3])] == [2, 3]  # the cache goes on serving
+    with pytest.raises(ExpertReadError, match=r"expert \(0, 1\) could not be read.*I/O error"):
+        list(cache.acquire(0, [1]))
+    assert cache.state((0, 1)) == "absent" and len(cache.residency) == 2
+    assert [e for e, *_ in cache.acquire(1, [4])] == [4]
+    store.close()
+
+
+def test_a_store_for_another_model_is_refused(mixtral_dir, tmp_path):
+    from expertflow.loader import LoadOptions, load
+
+    files = CheckpointFiles(mixtral_dir)
+    family = family_for(["MixtralForCausalLM"], None)
+    layout = ExpertLayout(64, 96, torch.float32)
+    fewer = {(layer, e): family.expert_names(layer, e) for layer in range(2) for e in range(8)}
+    store = LocalExpertStore(files, fewer, layout, 0, pin_for_cuda=False)
+    with pytest.raises(ValueError, match="lacks 8 of the model's experts"):
+        load(mixtral_dir, LoadOptions(), store=store)
+    store.close()
+    more = {(layer, e): family.expert_names(layer % 3, e) for layer in range(4) for e in range(8)}
+    store = LocalExpertStore(files, more, layout, 0, pin_for_cuda=False)
+    with pytest.raises(ValueError, match="holds 8 experts this model does not have"):
+        load(mixtral_dir, LoadOptions(), store=store)
+    store.close()
+    exact = {(layer, e): family.expert_names(layer, e) for layer in range(3) for e in range(8)}
+    store = LocalExpertStore(files, exact, layout, 0, pin_for_cuda=False)
+    loaded = load(mixtral_dir, LoadOptions(expert_budget="25%"), store=store)
+    assert loaded.store is store and loaded.cache.shape == (3, 8)
+    loaded.close()  # the caller's store stays open
+    assert store.host_view((0, 0)) is None and store.tier((0, 0)) is Tier.NVME
     store.close()

@@ -1,0 +1,135 @@
+"""One config file for every service: where each listens, what the worker serves, how it batches.
+
+    [model]          dir (default: the embedded model), device, dtype, expert_budget, host_budget, policy, predictor
+    [worker]         listen, max_batch, token_budget, scheduler ("expertflow" | "fifo"), max_wait, plan_timeout_ms
+    [expert_store]   listen, host_budget
+    [predictor]      listen
+    [orchestrator]   listen
+    [api]            listen (the OpenAI-compatible HTTP endpoint)
+    [metrics]        each service's Prometheus port: worker, expert_store, predictor, orchestrator, api
+
+TOML (tomllib); every key optional. Addresses are host:port, loopback by default. `expertflow serve --config
+FILE` starts all services from it; each `expertflow <service>` takes the same file plus flags that override it.
+
+Not for: running anything (launcher.py and the servers), or the embedded mode's options (LoadOptions).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dir: str = ""  # empty: the embedded default model
+    device: str = ""  # empty: cuda where present, else cpu
+    dtype: str = ""  # empty: the checkpoint's on CUDA, float32 on CPU
+    expert_budget: str = "25%"
+    host_budget: str = "100%"
+    policy: str = "expertflow"
+    predictor: str = ""  # empty: the model's own (expertflow prepare), else none
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    listen: str = "127.0.0.1:50051"
+    max_batch: int = 32  # requests decoding together at most
+    token_budget: int = 512  # tokens one step may run (prompts and decodes together)
+    scheduler: str = "expertflow"  # "expertflow": group requests with similar predicted routes; "fifo"
+    max_wait: int = 4  # steps a running request may be left out at most
+    plan_timeout_ms: float = 2.0  # how long a step waits for the orchestrator before loading reactively
+    max_new_tokens: int = 256  # a request's default and cap
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    listen: str = "127.0.0.1:50061"
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    listen: str = "127.0.0.1:50062"
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    listen: str = "127.0.0.1:50063"
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: str = "127.0.0.1:8000"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus ports (0: no endpoint)."""
+
+    worker: int = 9101
+    expert_store: int = 9102
+    predictor: int = 9103
+    orchestrator: int = 9104
+    api: int = 9105
+
+
+@dataclass(frozen=True)
+class ServicesConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    expert_store: StoreConfig = field(default_factory=StoreConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> ServicesConfig:
+        """The config in `path` (TOML), or the defaults for None."""
+        if path is None:
+            return cls()
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such config file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a valid TOML config ({e})") from None
+        return cls.from_dict(raw, str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> ServicesConfig:
+        sections = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(sections))
+        if unknown:
+            raise ValueError(f"{where}: unknown section(s) {unknown}; known: {sorted(sections)}")
+        values = {}
+        for name, section in raw.items():
+            kind = type(getattr(cls(), name))
+            if not isinstance(section, dict):
+                raise ValueError(f"{where}: [{name}] must be a table of keys")
+            values[name] = _section(kind, section, f"{where}: [{name}]")
+        return cls(**values)
+
+    def override(self, section: str, **values: Any) -> ServicesConfig:
+        """A copy with `values` (those not None) set in `section`: command-line flags over the file."""
+        given = {k: v for k, v in values.items() if v is not None}
+        return replace(self, **{section: replace(getattr(self, section), **given)}) if given else self
+
+
+def _section(kind: type, raw: dict[str, Any], where: str):
+    known = {f.name: f for f in fields(kind)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    default = kind()
+    for key, value in raw.items():
+        expected = type(getattr(default, key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            raw = {**raw, key: value}
+        if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+            raise ValueError(f"{where}: {key} = {value!r} should be a {expected.__name__}")
+    return kind(**raw)

@@ -32,7 +32,8 @@ import torch
 from bench import emit
 from bench.padded_experts import pad_checkpoint
 from expertflow.default_model import default_model_dir
-from expertflow.engine import Engine, SamplingParams
+from expertflow.engine import Engine
+from expertflow.requests import SamplingParams
 from expertflow.loader import LoadOptions, load
 from expert_store.stats import CacheStats
 from expertflow.loader import policy_inputs

@@ -123,7 +123,8 @@ def copy_limit(nbytes: int, repeats: int = 20) -> dict[str, float]:
 
 
 def run_engine(directory: Path, budget: str, policy: str, host: str, prompts: list[list[int]], new_tokens: int) -> dict:
-    from expertflow.engine import Engine, SamplingParams
+    from expertflow.engine import Engine
+    from expertflow.requests import SamplingParams
     from expertflow.loader import LoadOptions, load
 
     t0 = time.perf_counter()

@@ -50,7 +50,7 @@ def _version() -> str:
 
 def _sampling_value(field: str, convert: Callable[[str], int | float]) -> Callable[[str], int | float]:
     """An argparse type that converts text and checks it the way SamplingParams does, before any model loads."""
-    from expertflow.engine import RequestError, SamplingParams
+    from expertflow.requests import RequestError, SamplingParams
 
     def parse(text: str) -> int | float:
         value = convert(text)  # ValueError: argparse says "invalid float value"
@@ -299,7 +299,8 @@ def _check_utf8(prompts: list[str]) -> None:
 
 def _generate(args: argparse.Namespace) -> dict:
     from expertflow.default_model import default_model_dir
-    from expertflow.engine import Engine, SamplingParams
+    from expertflow.engine import Engine
+    from expertflow.requests import SamplingParams
     from expertflow.loader import LoadOptions, load
     from expertflow.tokenizer import TextCodec
 

@@ -55,19 +55,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 
 
 class KVCache:
-    """Per-layer cache tensors, preallocated for the whole request batch."""
+    """Per-layer cache tensors [R, ..., S, ...], preallocated: one row per request slot, one column per position."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.t = tensors
 
-    def write(self, start: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Store new entries [B, ..., T, ...] at positions start.. and return everything so far."""
+    def write(self, cols: torch.Tensor, rows: torch.Tensor | None, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Store new entries [B, ..., T, ...] at columns cols [B, T] of cache rows `rows` [B] (None: rows 0..B-1)
+        and return each row's entries up to the last column written, [B, ..., S, ...]."""
+        b = cols.shape[0]
+        index = torch.arange(b, device=cols.device) if rows is None else rows
+        end = int(cols.max()) + 1
         out = {}
         for name, value in new.items():
             buf = self.t[name]
-            end = start + value.shape[-2]
-            buf[..., start:end, :] = value
-            out[name] = buf[..., :end, :]
+            # advanced indices around a slice: the indexed region is [B, T, <sliced>, last]
+            buf[index[:, None], :, cols] = value.transpose(1, 2)
+            out[name] = (buf[:b] if rows is None else buf[rows])[..., :end, :]
         return out
 
 
@@ -93,7 +97,7 @@ class Attention(nn.Module):
             {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}
         )
 
-    def forward(self, x, cos, sin, mask, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache, cols, rows) -> torch.Tensor:
         s = self.spec
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # B T H*Dh, B T K*Dh
@@ -108,7 +112,7 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # B H T Dh, B K T Dh
         v = v.view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin, False), apply_rotary(k, cos, sin, False)
-        kv = cache.write(start, k=k, v=v)  # B K S Dh
+        kv = cache.write(cols, rows, k=k, v=v)  # B K S Dh
         out = F.scaled_dot_product_attention(q, kv["k"], kv["v"], attn_mask=mask, enable_gqa=s.n_heads != s.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -140,7 +144,7 @@ class MLAttention(nn.Module):
             }
         )
 
-    def forward(self, x, cos, sin, mask, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache, cols, rows) -> torch.Tensor:
         s = self.spec
         b, t, _ = x.shape
         q = self.q_proj(x) if s.q_lora_rank is None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
@@ -150,7 +154,7 @@ class MLAttention(nn.Module):
         latent = self.kv_a_norm(latent)[:, None]  # B 1 T R
         q_rope = apply_rotary(q_rope, cos, sin, s.rope_interleaved)
         k_rope = apply_rotary(k_rope[:, None], cos, sin, s.rope_interleaved)  # B 1 T P
-        kv = cache.write(start, latent=latent, k_rope=k_rope)
+        kv = cache.write(cols, rows, latent=latent, k_rope=k_rope)
         n = kv["latent"].shape[2]
         kv_full = self.kv_b_proj(kv["latent"][:, 0]).view(b, n, s.n_heads, -1).transpose(1, 2)  # B H S nope+v
         k_nope, v = kv_full.split([s.qk_nope_dim, s.v_head_dim], dim=-1)

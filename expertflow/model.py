@@ -6,9 +6,11 @@
 Shape legend: B = batch, T = new tokens this step, S = cache length, D = hidden,
 V = vocab, N = tokens that still need computing (not padding, not finished).
 
-Requests of different lengths are left-padded into one batch: `pads[b]` columns of
-padding precede request b's first token, so every request writes its cache at the
-same column and positions restart at 0 after the padding.
+Each request of a batch owns a row of the KV cache. A step's tokens write the columns
+`cols[b, t]` of their row; `first[b]` is the row's first column (its position 0), so a
+left-padded batch (every row writing the same columns) and a continuous batch (each row at
+its own length, rows joining and leaving) run the same code. Keys at columns first[b]..cols[b, t]
+are visible to token t; short rows of a step are padded at the end (compute False).
 
 Not for: sampling or the request loop (engine.py), loading weights (loader.py).
 """
@@ -36,8 +38,8 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(spec.hidden, layer_spec.dense_ffn, spec.act)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache, start: int, compute, hooks: ForwardHooks | None):
-        h = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
+    def forward(self, x, cos, sin, mask, cache: KVCache, cols, rows, compute, hooks: ForwardHooks | None):
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, cols, rows)
         if hooks is not None:
             hooks.on_attention_out(self.index, h[compute])
         y = self.mlp_norm(h)
@@ -79,26 +81,26 @@ class MoETransformer(nn.Module):
         self,
         tokens: torch.Tensor,  # B T
         caches: list[KVCache],
-        start: int,  # cache column of tokens[:, 0]
-        pads: torch.Tensor,  # B, left padding per request
+        cols: torch.Tensor,  # B T: the cache column each token writes
+        first: torch.Tensor,  # B: each row's first column (position 0)
         compute: torch.Tensor,  # B T bool: positions whose outputs matter
         hooks: ForwardHooks | None = None,
-        last_only: bool = False,
+        rows: torch.Tensor | None = None,  # B: the cache rows of the batch (None: rows 0..B-1)
+        last: torch.Tensor | None = None,  # B: only this position of each row goes through the LM head
     ) -> torch.Tensor:
-        """Logits [B, T, V] for the new tokens ([B, 1, V] with last_only)."""
+        """Logits [B, T, V] for the new tokens, or [B, V] at `last`."""
         b, t = tokens.shape
         device = tokens.device
-        cols = torch.arange(start, start + t, device=device)  # T
-        positions = (cols[None, :] - pads[:, None]).clamp(min=0)  # B T
-        keys = torch.arange(start + t, device=device)  # S
-        allowed = (keys[None, None, :] <= cols[None, :, None]) & (keys[None, None, :] >= pads[:, None, None])  # B T S
+        positions = (cols - first[:, None]).clamp(min=0)  # B T
+        keys = torch.arange(int(cols.max()) + 1, device=device)  # S
+        allowed = (keys[None, None, :] <= cols[:, :, None]) & (keys[None, None, :] >= first[:, None, None])  # B T S
         # A padding query sees no key at all; let it see itself so softmax stays finite.
-        allowed |= keys[None, None, :] == cols[None, :, None]
+        allowed |= keys[None, None, :] == cols[:, :, None]
         mask = allowed[:, None]  # B 1 T S
         x = self.embed(tokens)  # B T D
         cos, sin = rotary_cos_sin(positions, self.inv_freq, self.spec.rope_scale, x.dtype)
         for blk, cache in zip(self.layers, caches):
-            x = blk(x, cos, sin, mask, cache, start, compute, hooks)
-        if last_only:
-            x = x[:, -1:]
+            x = blk(x, cos, sin, mask, cache, cols, rows, compute, hooks)
+        if last is not None:
+            x = x[torch.arange(b, device=device), last]  # B D
         return self.lm_head(self.norm(x))

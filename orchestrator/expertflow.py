@@ -127,6 +127,13 @@ class ExpertFlow(Prefetcher):
         self.plans += 1
         return plan(inp, self.config.plan, use)
 
+    def route_estimate(self, request_id: RequestId) -> np.ndarray | None:
+        """The request's last prediction (its refined rows in), else its recent routing, else None."""
+        current = self._current.get(request_id)
+        if current is not None:
+            return current
+        return self._recent.get(request_id)
+
     def finish(self, request_ids: Iterable[RequestId]) -> None:
         ids = list(request_ids)
         for rid in ids:

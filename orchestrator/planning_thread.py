@@ -22,6 +22,8 @@ import queue
 import threading
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from expert_store.plan import CacheView, Plan
 from orchestrator.prefetcher import LayerRoutes, Prefetcher, StepRequest
 from predictor.base import RequestId
@@ -69,6 +71,11 @@ class PlanningThread(Prefetcher):
             number, plan = self._ready
             self._taken = number
         return plan
+
+    def route_estimate(self, request_id: RequestId) -> np.ndarray | None:
+        # Read from the engine's thread while the worker may be refining one of the array's rows: an estimate
+        # either way, and the scheduler only ranks requests with it.
+        return self.inner.route_estimate(request_id)
 
     def close(self) -> None:
         if self._thread.is_alive():

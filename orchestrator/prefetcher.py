@@ -10,6 +10,7 @@ The engine (and the simulator, in the same order) calls a prefetcher explicitly:
                                  computes it (`wants_speculation`)
     finish(ids)                  requests that left the batch
     poll()                       a plan finished since (asynchronous prefetchers: planning_thread.py)
+    route_estimate(id)           what it expects a request's next token to use (for the token scheduler)
 
 Each call gets a fresh `CacheView` (expert_store/plan.py) and may return a `Plan`, which the cache
 executes whole. A prefetcher that ranks victims by its own predictions brings its `eviction` policy;
@@ -68,6 +69,11 @@ class Prefetcher(ABC):
     def poll(self) -> Plan | None:
         """A plan finished since the last call, for prefetchers that plan asynchronously (the engine polls
         at every layer); None for those that answer each call directly."""
+        return None
+
+    def route_estimate(self, request_id: RequestId) -> np.ndarray | None:
+        """[L, E] what the prefetcher expects the request's next token to use (the token scheduler groups
+        requests by it); None where it has no view of the request."""
         return None
 
     def close(self) -> None:

@@ -16,7 +16,8 @@ from conftest import prompt_ids
 from expert_store.checkpoint import CheckpointError
 from expert_store.budget import parse_budget, percent_at_least
 from expertflow.cli import main
-from expertflow.engine import Engine, RequestError, SamplingParams
+from expertflow.engine import Engine
+from expertflow.requests import RequestError, SamplingParams
 from expertflow.families import UnsupportedArchitecture
 from expertflow.loader import LoadOptions, load
 

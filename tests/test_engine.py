@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import prompt_ids
-from expertflow.engine import Engine, SamplingParams, sample
+from expertflow.engine import Engine
+from expertflow.requests import SamplingParams, sample
 from expertflow.loader import LoadOptions, load
 
 

@@ -257,7 +257,7 @@ def test_a_failed_read_frees_its_slot_drops_a_prefetch_and_names_a_demanded_expe
     store = _FailingStore(files, names, layout, 0, pin_for_cuda=False, failing={(0, 1)})
     cache = ExpertCache(store, 4, torch.device("cpu"), Lru(), CpuCopier())
     cache.execute(fetch((0, 1), (0, 2)))  # the prefetch of (0, 1) fails: dropped, its slot free again
-    for _ in range(100):
+    for _ in range(1000):  # the read runs on the store's reader thread: wait for it (10 s at most)
         cache.view()
         if cache.stats.failed_reads:
             break

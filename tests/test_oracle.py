@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import DEVICES, prompt_ids
-from expertflow.engine import Engine, SamplingParams
+from expertflow.engine import Engine
+from expertflow.requests import SamplingParams
 from expertflow.loader import LoadOptions, load
 from expertflow.tiny import FAMILIES
 

@@ -10,7 +10,8 @@ import transformers
 
 from bench.padded_experts import pad_checkpoint
 from conftest import prompt_ids
-from expertflow.engine import Engine, SamplingParams
+from expertflow.engine import Engine
+from expertflow.requests import SamplingParams
 from expertflow.loader import LoadOptions, load
 
 

@@ -12,7 +12,8 @@ import torch
 from conftest import DEVICES, prompt_ids
 from expert_store.plan import CacheView, Plan
 from expert_store.timing import FixedTiming
-from expertflow.engine import Engine, SamplingParams
+from expertflow.engine import Engine
+from expertflow.requests import SamplingParams
 from expertflow.loader import LoadOptions, load, policy_inputs
 from expertflow.trace import TraceRecorder
 from orchestrator.expertflow import ExpertFlow, ExpertFlowConfig

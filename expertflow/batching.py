@@ -301,8 +301,10 @@ class BatchEngine:
                 request.first_token_s = time.perf_counter() - request.submitted
             reason = self._stop_reason(request, token)
             if request.on_tokens is not None:
-                request.on_tokens(request, [token])
-            if reason is not None:
+                request.on_tokens(request, [token])  # may cancel the request (a stop string)
+            if request.finish_reason is not None:
+                finished.append(request)
+            elif reason is not None:
                 self._finish(request, reason)
                 finished.append(request)
         prompt_tokens = sum(len(r.prompt) for r in admitted)
@@ -356,6 +358,8 @@ class BatchEngine:
         return None
 
     def _finish(self, request: Running, reason: str) -> None:
+        if request.finish_reason is not None:
+            return
         request.finish_reason = reason
         if request in self._running:
             self._running.remove(request)

@@ -125,12 +125,14 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--expert-budget", default="100%", help="device bytes for routed experts")
 
     from expertflow import prepare
+    from expertflow.services import cli as services_cli
     from orchestrator import cli as orchestrator_cli
     from predictor import cli as predictor_cli
 
     prepare.add_subcommand(sub)
     predictor_cli.add_subcommands(sub)
     orchestrator_cli.add_subcommands(sub)
+    services_cli.add_subcommands(sub)
     return parser
 
 
@@ -412,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
             from expertflow import prepare
 
             return prepare.run(args)
+        if hasattr(args, "services_command"):
+            from expertflow.services import cli as services_cli
+
+            return services_cli.run(args)
         out = _trace(args) if args.command == "trace" else _generate(args)
     except (CheckpointError, UnsupportedArchitecture, FileNotFoundError, ValueError, KeyError) as e:
         print(f"expertflow: error: {e}", file=sys.stderr)

@@ -107,8 +107,14 @@ class GrpcServer:
         self.server.stop(grace_s).wait()
 
 
-def run_until_stopped(server: GrpcServer, log: logging.Logger, on_stop: Callable[[], None] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully and run `on_stop` (release shared memory, ...)."""
+def run_until_stopped(
+    server: GrpcServer,
+    log: logging.Logger,
+    on_stop: Callable[[], None] | None = None,
+    drain: Callable[[], None] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT; then `drain` (let requests in flight finish, while the server still
+    answers their streams), stop the server gracefully, and run `on_stop` (release shared memory, ...)."""
     stopped = threading.Event()
 
     def request_stop(signum, frame) -> None:
@@ -122,6 +128,9 @@ def run_until_stopped(server: GrpcServer, log: logging.Logger, on_stop: Callable
         while not stopped.wait(0.5):
             pass
     finally:
+        server.health.enter_graceful_shutdown()  # load balancers and health checks see NOT_SERVING at once
+        if drain is not None:
+            drain()
         server.stop()
         if on_stop is not None:
             on_stop()

@@ -1,11 +1,12 @@
 """One config file for every service: where each listens, what the worker serves, how it batches.
 
     [model]          dir (default: the embedded model), device, dtype, expert_budget, host_budget, policy, predictor
-    [worker]         listen, max_batch, token_budget, scheduler ("expertflow" | "fifo"), max_wait, plan_timeout_ms
-    [expert_store]   listen, host_budget
+    [worker]         listen, rows, max_len, max_batch, token_budget, scheduler ("expertflow" | "fifo"), max_wait,
+                     plan_timeout_ms, max_new_tokens, max_queue, store and orchestrator (addresses; empty: in process)
+    [expert_store]   listen
     [predictor]      listen
-    [orchestrator]   listen
-    [api]            listen (the OpenAI-compatible HTTP endpoint)
+    [orchestrator]   listen, predictor (address; empty: in process)
+    [api]            listen (the OpenAI-compatible HTTP endpoint), worker (address)
     [metrics]        each service's Prometheus port: worker, expert_store, predictor, orchestrator, api
 
 TOML (tomllib); every key optional. Addresses are host:port, loopback by default. `expertflow serve --config
@@ -36,12 +37,17 @@ class ModelConfig:
 @dataclass(frozen=True)
 class WorkerConfig:
     listen: str = "127.0.0.1:50051"
+    rows: int = 64  # requests in the KV cache at once (more wait in a queue)
+    max_len: int = 2048  # positions per request, prompt and reply (capped at the model's context)
     max_batch: int = 32  # requests decoding together at most
     token_budget: int = 512  # tokens one step may run (prompts and decodes together)
     scheduler: str = "expertflow"  # "expertflow": group requests with similar predicted routes; "fifo"
     max_wait: int = 4  # steps a running request may be left out at most
     plan_timeout_ms: float = 2.0  # how long a step waits for the orchestrator before loading reactively
     max_new_tokens: int = 256  # a request's default and cap
+    max_queue: int = 1024  # requests waiting at most; more get RESOURCE_EXHAUSTED
+    store: str = ""  # the expert-store service's address; empty: the worker's own in-process store
+    orchestrator: str = ""  # the orchestrator's address; empty: the worker plans in process
 
 
 @dataclass(frozen=True)
@@ -57,11 +63,13 @@ class PredictorConfig:
 @dataclass(frozen=True)
 class OrchestratorConfig:
     listen: str = "127.0.0.1:50063"
+    predictor: str = ""  # the predictor service's address; empty: the orchestrator predicts in process
 
 
 @dataclass(frozen=True)
 class ApiConfig:
     listen: str = "127.0.0.1:8000"
+    worker: str = "127.0.0.1:50051"  # the worker's inference API
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,16 @@ class ServicesConfig:
             values[name] = _section(kind, section, f"{where}: [{name}]")
         return cls(**values)
 
+    def to_toml(self) -> str:
+        """The config as a TOML file `load` reads back (every key written)."""
+        lines = []
+        for section in fields(self):
+            lines.append(f"[{section.name}]")
+            for f in fields(getattr(self, section.name)):
+                lines.append(f"{f.name} = {_toml_value(getattr(getattr(self, section.name), f.name))}")
+            lines.append("")
+        return "\n".join(lines)
+
     def override(self, section: str, **values: Any) -> ServicesConfig:
         """A copy with `values` (those not None) set in `section`: command-line flags over the file."""
         given = {k: v for k, v in values.items() if v is not None}
@@ -133,3 +151,12 @@ def _section(kind: type, raw: dict[str, Any], where: str):
         if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
             raise ValueError(f"{where}: {key} = {value!r} should be a {expected.__name__}")
     return kind(**raw)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

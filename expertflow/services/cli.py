@@ -1,0 +1,148 @@
+"""The services' command lines, mounted by `expertflow`:
+
+    expertflow serve  [--config FILE] [model flags]      every service as its own process (launcher.py)
+    expertflow worker [--config FILE] [model flags] [--listen] [--store] [--orchestrator] ...
+    expertflow ask PROMPT [--address] [sampling flags]   stream a completion from a worker
+
+Every service reads the same config file (config.py); flags override it. Each runs until SIGTERM / SIGINT
+and then stops gracefully.
+
+Not for: the services' work (worker.py, launcher.py, ...) or the embedded commands (expertflow/cli.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from expertflow.services.config import ServicesConfig
+
+# what `serve` starts, in order
+SERVE = ("worker",)
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="the services' TOML config (see expertflow/services/config.py)")
+    p.add_argument("--model", help="Hugging Face model directory (default: the embedded model)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="compute device (default: cuda where present)")
+    p.add_argument("--policy", help="expert cache policy (orchestrator/policies.py)")
+    p.add_argument("--expert-budget", help="device bytes for routed experts: 6GiB, 512MB or 25%% of all")
+    p.add_argument("--host-budget", help="host RAM for routed experts (the expert store's, in process or not)")
+    p.add_argument("--predictor", help="route predictor directory for --policy expertflow")
+
+
+def add_subcommands(sub) -> None:
+    serve = sub.add_parser("serve", help="start every service as its own process and stop them together")
+    _model_flags(serve)
+    serve.set_defaults(services_command=_serve)
+
+    worker = sub.add_parser("worker", help="the gpu worker: the model, its expert cache, the inference API")
+    _model_flags(worker)
+    worker.add_argument("--listen", help="host:port of the inference API")
+    worker.add_argument("--store", help="the expert-store service's address (default: an in-process store)")
+    worker.add_argument("--orchestrator", help="the orchestrator's address (default: plan in process)")
+    worker.add_argument("--scheduler", choices=("expertflow", "fifo"), help="how decodes are batched")
+    worker.add_argument("--max-batch", type=int, help="decodes per step at most")
+    worker.add_argument("--rows", type=int, help="requests in the KV cache at once")
+    worker.add_argument("--metrics-port", type=int, help="Prometheus port (0: none)")
+    worker.set_defaults(services_command=_worker)
+
+    ask = sub.add_parser("ask", help="stream a completion from a running worker")
+    ask.add_argument("prompt", help="the prompt text")
+    ask.add_argument("--address", default=ServicesConfig().worker.listen, help="the worker's inference API")
+    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ask.add_argument("--top-p", type=float, default=1.0)
+    ask.add_argument("--seed", type=int, default=0)
+    ask.add_argument("--stop", action="append", default=[], help="a string that ends the reply; repeatable")
+    ask.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
+    ask.set_defaults(services_command=_ask)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args.services_command(args)
+
+
+def config_from(args: argparse.Namespace) -> ServicesConfig:
+    """The config file (or the defaults) with the command line's model flags over it."""
+    config = ServicesConfig.load(args.config)
+    return config.override(
+        "model",
+        dir=args.model,
+        device=args.device,
+        policy=args.policy,
+        expert_budget=args.expert_budget,
+        host_budget=args.host_budget,
+        predictor=args.predictor,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from expertflow.services.common import setup_logging
+    from expertflow.services.launcher import Launcher, wire
+
+    log = setup_logging("serve")
+    launcher = Launcher(wire(config_from(args), SERVE), SERVE, log)
+    launcher.start()
+    print(f"expertflow: serving; the inference API at {launcher.config.worker.listen}", file=sys.stderr)
+    return launcher.wait()
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from expertflow.services.common import GrpcServer, run_until_stopped, setup_logging, start_metrics
+    from expertflow.services.worker import Worker, load_model
+    from expertflow.v1 import inference_pb2_grpc
+
+    config = config_from(args).override(
+        "worker",
+        listen=args.listen,
+        store=args.store,
+        orchestrator=args.orchestrator,
+        scheduler=args.scheduler,
+        max_batch=args.max_batch,
+        rows=args.rows,
+    )
+    if args.metrics_port is not None:
+        config = config.override("metrics", worker=args.metrics_port)
+    log = setup_logging("worker")
+    loaded = load_model(config)
+    try:
+        registry = start_metrics(config.metrics.worker)
+        worker = Worker(loaded, config.worker, registry, log).start()
+        server = GrpcServer(
+            "worker",
+            config.worker.listen,
+            [(inference_pb2_grpc.add_InferenceServicer_to_server, worker)],
+            ["expertflow.v1.Inference"],
+            max_workers=config.worker.max_queue + 8,
+        )
+        run_until_stopped(server, log, drain=worker.stop)
+    finally:
+        loaded.close()
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from expertflow.services.client import InferenceClient, InferenceError
+
+    with InferenceClient(args.address, timeout_s=args.timeout) as client:
+        try:
+            reason = ""
+            for piece in client.stream(
+                args.prompt,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                stop=args.stop,
+            ):
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+                reason = piece.finish_reason or reason
+        except InferenceError as e:
+            print(f"\nexpertflow: error: {e.message} ({e.code.name.lower()} from {args.address})", file=sys.stderr)
+            return 2
+    print()
+    print(f"[{reason}]", file=sys.stderr)
+    return 0

@@ -2,6 +2,7 @@
 
     expertflow serve  [--config FILE] [model flags]      every service as its own process (launcher.py)
     expertflow worker [--config FILE] [model flags] [--listen] [--store] [--orchestrator] ...
+    expertflow api    [--config FILE] [--listen] [--worker]  the OpenAI-compatible HTTP endpoint
     expertflow ask PROMPT [--address] [sampling flags]   stream a completion from a worker
 
 Every service reads the same config file (config.py); flags override it. Each runs until SIGTERM / SIGINT
@@ -19,7 +20,7 @@ from pathlib import Path
 from expertflow.services.config import ServicesConfig
 
 # what `serve` starts, in order
-SERVE = ("worker",)
+SERVE = ("worker", "api")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,14 @@ def add_subcommands(sub) -> None:
     worker.add_argument("--rows", type=int, help="requests in the KV cache at once")
     worker.add_argument("--metrics-port", type=int, help="Prometheus port (0: none)")
     worker.set_defaults(services_command=_worker)
+
+    api = sub.add_parser("api", help="the OpenAI-compatible HTTP endpoint in front of a worker")
+    api.add_argument("--config", type=Path, help="the services' TOML config (see expertflow/services/config.py)")
+    api.add_argument("--listen", help="host:port of the HTTP endpoint")
+    api.add_argument("--worker", help="the worker's inference API (host:port)")
+    api.add_argument("--model", help="the model directory, for its chat template (default: the embedded model)")
+    api.add_argument("--metrics-port", type=int, help="Prometheus port (0: none)")
+    api.set_defaults(services_command=_api)
 
     ask = sub.add_parser("ask", help="stream a completion from a running worker")
     ask.add_argument("prompt", help="the prompt text")
@@ -120,6 +129,29 @@ def _worker(args: argparse.Namespace) -> int:
         run_until_stopped(server, log, drain=worker.stop)
     finally:
         loaded.close()
+    return 0
+
+
+def _api(args: argparse.Namespace) -> int:
+    from expertflow.default_model import default_model_dir
+    from expertflow.services.common import setup_logging, start_metrics, wait_for_signal
+    from expertflow.services.http_api import ApiServer
+
+    config = ServicesConfig.load(args.config).override("api", listen=args.listen, worker=args.worker)
+    config = config.override("model", dir=args.model)
+    if args.metrics_port is not None:
+        config = config.override("metrics", api=args.metrics_port)
+    log = setup_logging("api")
+    model_dir = Path(config.model.dir) if config.model.dir else default_model_dir()
+    registry = start_metrics(config.metrics.api)
+    server = ApiServer(config.api.listen, config.api.worker, model_dir, registry, log, config.worker.max_new_tokens)
+    server.start()
+    log.info("serving", extra={"address": server.address, "worker": config.api.worker})
+    try:
+        wait_for_signal(log)
+    finally:
+        server.stop()
+        log.info("stopped")
     return 0
 
 

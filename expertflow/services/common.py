@@ -107,6 +107,23 @@ class GrpcServer:
         self.server.stop(grace_s).wait()
 
 
+def wait_for_signal(log: logging.Logger) -> None:
+    """Block until SIGTERM or SIGINT (the handlers are restored afterwards)."""
+    stopped = threading.Event()
+
+    def request_stop(signum, frame) -> None:
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        stopped.set()
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stopped.wait(0.5):
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def run_until_stopped(
     server: GrpcServer,
     log: logging.Logger,
@@ -115,18 +132,10 @@ def run_until_stopped(
 ) -> None:
     """Serve until SIGTERM or SIGINT; then `drain` (let requests in flight finish, while the server still
     answers their streams), stop the server gracefully, and run `on_stop` (release shared memory, ...)."""
-    stopped = threading.Event()
-
-    def request_stop(signum, frame) -> None:
-        log.info("stopping", extra={"signal": signal.Signals(signum).name})
-        stopped.set()
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     server.start()
     log.info("serving", extra={"address": server.address})
     try:
-        while not stopped.wait(0.5):
-            pass
+        wait_for_signal(log)
     finally:
         server.health.enter_graceful_shutdown()  # load balancers and health checks see NOT_SERVING at once
         if drain is not None:
@@ -134,8 +143,6 @@ def run_until_stopped(
         server.stop()
         if on_stop is not None:
             on_stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         log.info("stopped")
 
 

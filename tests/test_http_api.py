@@ -1,0 +1,93 @@
+"""The OpenAI-compatible endpoint, checked with the official `openai` client against real `expertflow worker`
+and `expertflow api` processes serving the embedded default model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from expertflow.services.client import InferenceClient
+from expertflow.services.common import wait_for_server
+from test_worker_service import free_port
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    worker = f"127.0.0.1:{free_port()}"
+    http = f"127.0.0.1:{free_port()}"
+    py = [sys.executable, "-m", "expertflow.cli"]
+    processes = [
+        subprocess.Popen(py + ["worker", "--listen", worker, "--policy", "lru", "--metrics-port", "0"]),
+    ]
+    wait_for_server(worker, timeout_s=90)
+    processes.append(subprocess.Popen(py + ["api", "--listen", http, "--worker", worker, "--metrics-port", "0"]))
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"http://{http}/health", timeout=1)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
+    yield worker, http
+    for p in reversed(processes):
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+
+
+def test_completions_and_chat_through_the_openai_client(endpoint):
+    worker, http = endpoint
+    client = openai.OpenAI(base_url=f"http://{http}/v1", api_key="unused", max_retries=0)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["expertflow-coarse-8x2"]
+    done = client.completions.create(model="expertflow-coarse-8x2", prompt="def main():", max_tokens=16)
+    with InferenceClient(worker) as grpc_client:
+        direct = grpc_client.complete("def main():", max_new_tokens=16)
+    assert done.choices[0].text == direct.text and done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 16 and done.usage.prompt_tokens == direct.prompt_tokens
+    streamed = client.completions.create(
+        model="expertflow-coarse-8x2", prompt="def main():", max_tokens=16, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == direct.text
+    assert chunks[-1].usage.completion_tokens == 16
+    chat = client.chat.completions.create(
+        model="expertflow-coarse-8x2", messages=[{"role": "user", "content": "Say hi"}], max_tokens=8, seed=3,
+        temperature=0.7,
+    )  # fmt: skip
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 8
+    pieces = client.chat.completions.create(
+        model="expertflow-coarse-8x2", messages=[{"role": "user", "content": "Say hi"}], max_tokens=8, seed=3,
+        temperature=0.7, stream=True,
+    )  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+    assert text == chat.choices[0].message.content  # same seed, same text, streamed or not
+    stopped = client.completions.create(model="x", prompt="def main():", max_tokens=16, stop=["\n"])
+    assert "\n" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+
+
+def test_bad_requests_get_400_with_the_parameter_named(endpoint):
+    _, http = endpoint
+    client = openai.OpenAI(base_url=f"http://{http}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model="x", prompt="hi", max_tokens=4, logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="n = 1"):
+        client.completions.create(model="x", prompt="hi", max_tokens=4, n=2)
+    with pytest.raises(openai.BadRequestError, match="over this server's"):
+        client.completions.create(model="x", prompt="hi", max_tokens=10**6)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], temperature=-2)
+    request = urllib.request.Request(f"http://{http}/v1/completions", data=b"{not json", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 400 and "not JSON" in json.loads(caught.value.read())["error"]["message"]
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(f"http://{http}/v2/nothing", timeout=30)
+    assert caught.value.code == 404

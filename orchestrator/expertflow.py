@@ -66,6 +66,8 @@ class ExpertFlow(Prefetcher):
         self._recent: dict[RequestId, np.ndarray] = {}  # [L, E] decayed routing counts
         self._rate: dict[RequestId, np.ndarray] = {}  # [L, E] the same, slower: per-token use rate
         self.plans = 0  # how many times the planner ran (for tests and reports)
+        # routed experts among the k likeliest of the prediction the layer was planned with (prediction recall)
+        self.recall_hits = self.recall_total = 0
 
     def begin_step(self, requests: Sequence[StepRequest], view: CacheView) -> Plan | None:
         self._live = [r.id for r in requests]
@@ -85,6 +87,12 @@ class ExpertFlow(Prefetcher):
     def after_layer(self, routed: LayerRoutes, view: CacheView) -> Plan | None:
         j = routed.layer
         for rid, rows in routed.routes.items():
+            current = self._current.get(rid)
+            if current is not None and len(rows) == 1:  # recall@k of what it planned layer j with
+                k = len(rows[0])
+                top = np.argpartition(-current[j], k - 1)[:k]
+                self.recall_hits += len(set(top.tolist()) & {int(e) for e in rows[0]})
+                self.recall_total += k
             for experts in rows:  # each of the request's tokens this step, in order
                 for table, decay in ((self._recent, self._decay), (self._rate, self._rate_decay)):
                     row = table[rid][j]

@@ -23,9 +23,10 @@ from test_worker_service import free_port
 def endpoint():
     worker = f"127.0.0.1:{free_port()}"
     http = f"127.0.0.1:{free_port()}"
+    metrics = free_port()
     py = [sys.executable, "-m", "expertflow.cli"]
-    processes = [
-        subprocess.Popen(py + ["worker", "--listen", worker, "--policy", "lru", "--metrics-port", "0"]),
+    processes = [  # the default policy, expertflow, with the default model's shipped predictor
+        subprocess.Popen(py + ["worker", "--listen", worker, "--metrics-port", str(metrics)]),
     ]
     wait_for_server(worker, timeout_s=90)
     processes.append(subprocess.Popen(py + ["api", "--listen", http, "--worker", worker, "--metrics-port", "0"]))
@@ -35,14 +36,14 @@ def endpoint():
             break
         except (urllib.error.URLError, ConnectionError):
             time.sleep(0.1)
-    yield worker, http
+    yield worker, http, metrics
     for p in reversed(processes):
         p.send_signal(signal.SIGTERM)
         assert p.wait(60) == 0
 
 
 def test_completions_and_chat_through_the_openai_client(endpoint):
-    worker, http = endpoint
+    worker, http, _ = endpoint
     client = openai.OpenAI(base_url=f"http://{http}/v1", api_key="unused", max_retries=0)
     models = client.models.list()
     assert [m.id for m in models.data] == ["expertflow-coarse-8x2"]
@@ -74,7 +75,7 @@ def test_completions_and_chat_through_the_openai_client(endpoint):
 
 
 def test_bad_requests_get_400_with_the_parameter_named(endpoint):
-    _, http = endpoint
+    _, http, _ = endpoint
     client = openai.OpenAI(base_url=f"http://{http}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         client.completions.create(model="x", prompt="hi", max_tokens=4, logprobs=2)
@@ -91,3 +92,30 @@ def test_bad_requests_get_400_with_the_parameter_named(endpoint):
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(f"http://{http}/v2/nothing", timeout=30)
     assert caught.value.code == 404
+
+
+def test_the_worker_reports_its_serving_metrics(endpoint):
+    worker, _, metrics = endpoint
+    with InferenceClient(worker) as client:
+        client.complete("import os", max_new_tokens=8)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("expertflow_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    for name in (
+        'expertflow_expert_lookups_total{outcome="hit"}',
+        'expertflow_expert_bytes_total{tier="host"}',
+        "expertflow_stall_seconds_total",
+        "expertflow_prediction_recall",
+        "expertflow_queue_depth",
+        "expertflow_step_requests_count",
+        "expertflow_time_to_first_token_seconds_count",
+        "expertflow_inter_token_seconds_count",
+        'expertflow_requests_total{outcome="length"}',
+    ):
+        assert name in values, name
+    assert values['expertflow_requests_total{outcome="length"}'] >= 1
+    assert 0 < values["expertflow_prediction_recall"] <= 1
+    assert values["expertflow_time_to_first_token_seconds_count"] >= 1

@@ -132,3 +132,42 @@ def test_sigterm_lets_requests_in_flight_finish(tiny_models):
             client.complete([5, 6, 7], max_new_tokens=2)
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE
     assert process.wait(60) == 0
+
+
+@pytest.mark.slow
+def test_64_clients_for_60_seconds_lose_no_request(tiny_models):
+    """Every request sent while 64 clients keep the worker busy comes back complete and right."""
+    directory = tiny_models["mixtral"][0]
+    process, address = start_worker(directory, "--rows", "16", "--max-batch", "8")
+    prompts = [prompt_ids(300 + i, 4 + i % 9) for i in range(16)]
+    expected = {i: embedded(directory, p, 6) for i, p in enumerate(prompts)}
+    sent, answered, wrong, errors = [0], [0], [], []
+    lock = threading.Lock()
+    deadline = time.monotonic() + 60
+
+    def client(c: int) -> None:
+        with InferenceClient(address, timeout_s=120) as client:
+            n = 0
+            while time.monotonic() < deadline:
+                i = (c + n) % len(prompts)
+                n += 1
+                with lock:
+                    sent[0] += 1
+                try:
+                    got = client.complete(prompts[i], max_new_tokens=6, ignore_eos=True).token_ids
+                except InferenceError as e:
+                    errors.append(str(e))
+                    continue
+                with lock:
+                    answered[0] += 1
+                    if got != expected[i]:
+                        wrong.append(i)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert stop(process) == 0
+    assert errors == [] and wrong == []
+    assert answered[0] == sent[0] > 64

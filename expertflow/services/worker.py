@@ -81,6 +81,9 @@ class WorkerMetrics:
         self.bytes = Counter("expertflow_expert_bytes", "bytes brought to the device by tier", ["tier"], registry=registry)
         self.plan = Counter("expertflow_plan_seconds", "host time deciding prefetches", registry=registry)
         self.prefetch = Counter("expertflow_prefetches", "prefetch copies by fate", ["fate"], registry=registry)
+        self.recall = Gauge(
+            "expertflow_prediction_recall", "routed experts among the k the prefetcher rated likeliest", registry=registry
+        )
 
     def step(self, report: StepReport) -> None:
         s = report.stats
@@ -145,6 +148,7 @@ class _EngineLoop:
                 report = self.engine.step()
                 if report is not None:
                     self.metrics.step(report)
+                    self._recall()
                 self.metrics.queue.set(self.engine.waiting)
                 self.metrics.running.set(self.engine.running)
         except BaseException as e:  # noqa: BLE001 - every waiting client gets the error, not a hang
@@ -154,6 +158,13 @@ class _EngineLoop:
                 ticket.events.put(RuntimeError(f"the worker's engine failed: {e}"))
         finally:
             self.engine.close()
+
+    def _recall(self) -> None:
+        prefetcher = self.engine.runner.prefetcher
+        flow = getattr(prefetcher, "inner", prefetcher)  # through a planning thread
+        total = getattr(flow, "recall_total", 0)
+        if total:
+            self.metrics.recall.set(flow.recall_hits / total)
 
     def _take(self, block: bool) -> None:
         try:

@@ -131,7 +131,15 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_subcommand(sub)
     predictor_cli.add_subcommands(sub)
     orchestrator_cli.add_subcommands(sub)
+    _add_service_commands(sub)
     return parser
+
+
+def _add_service_commands(sub: argparse._SubParsersAction) -> None:
+    """The services' subcommands (expertflow/services/); each sets `run`, which main() calls."""
+    from expertflow.services import store_server
+
+    store_server.add_subcommand(sub)
 
 
 def _trace(args: argparse.Namespace) -> dict:
@@ -398,6 +406,8 @@ def _print_text(out: dict, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "run", None) is not None:  # a service: it runs until stopped
+            return args.run(args)
         if args.command in ("train-predictor", "eval-predictor", "import-routes"):
             from predictor import cli as predictor_cli
 

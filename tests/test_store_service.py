@@ -165,6 +165,11 @@ def test_the_command_refuses_bad_input(mixtral_dir, tmp_path, capsys):
         port = taken.getsockname()[1]
         err = refused("--model", str(mixtral_dir), "--listen", f"127.0.0.1:{port}")
         assert f"--listen 127.0.0.1:{port}: cannot listen there (Address already in use)" in err
+    with serving(mixtral_dir) as (address, _, _):  # a port another store serves on
+        err = refused("--model", str(mixtral_dir), "--listen", address)
+        assert "cannot listen there (Address already in use)" in err
+        with pytest.raises(RuntimeError, match="Failed to bind"):  # gRPC's SO_REUSEPORT would let it share the port
+            GrpcServer("expert-store", address, [], [])
 
 
 # -- fetching --------------------------------------------------------------------------------------------------

@@ -282,8 +282,12 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
         "--model", type=Path, help="Hugging Face model directory (default: [model] dir, else the embedded model)"
     )
     p.add_argument("--host-budget", help="host RAM for routed experts: 40GiB, 50%% (default: [model] host_budget)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="the workers' compute dtype (default: "
-                   "[model] dtype, else the checkpoint's where CUDA is present and float32 where not, as the loader)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="the workers' compute dtype (default: [model] dtype, else as the loader picks it: the checkpoint's "
+        "where CUDA is present, float32 where not)",
+    )
     p.add_argument("--listen", help="host:port (default: [expert_store] listen)")
     p.add_argument("--config", type=Path, help="services config file (TOML, see expertflow/services/config.py)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 for none (default: [metrics] expert_store)")
@@ -324,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
     served = ServedModel.open(directory, config.model.host_budget, _dtype(config))
     listen = config.expert_store.listen
     _check_listen(listen, "--listen")
-    log = setup_logging("expert-store")
+    setup_logging("expert-store")  # JSON lines on stderr, through this module's `log`
     try:
         registry = start_metrics(config.metrics.expert_store)
     except OSError as e:

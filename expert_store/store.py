@@ -125,7 +125,10 @@ class LocalExpertStore(ExpertStore):
         pin_for_cuda: bool,
         progress: bool = False,
         readers: int = 2,
+        shared_host: bool = False,
     ):
+        """`shared_host`: the host arena is POSIX shared memory other processes on this host can map (the
+        expert-store service; see `host_placement`)."""
         self.layout = layout
         self._names = {ExpertKey(*k): v for k, v in experts.items()}
         self._nvme = NvmeTier(files, layout)
@@ -133,7 +136,7 @@ class LocalExpertStore(ExpertStore):
             self._nvme.check(names)
         ordered = sorted(self._names)
         capacity = min(len(ordered), max(0, host_budget_bytes) // layout.slot_nbytes)
-        self._arena = HostArena(layout, capacity, pin_for_cuda)
+        self._arena = HostArena(layout, capacity, pin_for_cuda, shared=shared_host)
         self._host_slot: dict[ExpertKey, int] = {}
         load: Iterable[ExpertKey] = ordered[:capacity]
         if progress and capacity:
@@ -165,6 +168,13 @@ class LocalExpertStore(ExpertStore):
         self._check(key)
         slot = self._host_slot.get(key)
         return None if slot is None else self._arena.slots[slot]
+
+    def host_placement(self, key: ExpertKey) -> tuple[str, int] | None:
+        """(shared-memory segment name, byte offset) of a host-tier expert, for another process on this host to
+        map; None if the expert is not in host RAM or the arena is private memory."""
+        self._check(key)
+        slot, name = self._host_slot.get(key), self._arena.shm_name
+        return None if slot is None or name is None else (name, slot * self.layout.slot_nbytes)
 
     def read_into(self, key: ExpertKey, out: torch.Tensor) -> Tier:
         view = self.host_view(key)

@@ -2,8 +2,9 @@
 
 `HostArena` is one contiguous buffer of equal expert slots. On a CUDA machine it is
 POSIX shared memory registered with cudaHostRegister, so the GPU copies from it at
-pinned speed and an out-of-process expert store can later hand the same pages to a
-worker without another copy. On a CPU-only machine it is ordinary memory.
+pinned speed. On a CPU-only machine it is ordinary memory. The expert-store service
+asks for shared memory without registration (`shared`): it never touches CUDA, and the
+worker that maps the same pages registers them in its own process.
 
 `NvmeTier` reads experts straight out of the memory-mapped safetensors files.
 
@@ -27,7 +28,10 @@ log = logging.getLogger(__name__)
 class HostArena:
     """`capacity` expert slots in one host buffer; call `close()` to release it."""
 
-    def __init__(self, layout: ExpertLayout, capacity: int, pin_for_cuda: bool):
+    def __init__(self, layout: ExpertLayout, capacity: int, pin_for_cuda: bool, shared: bool = False):
+        """`pin_for_cuda`: page-locked for this process's GPU copies (shared memory, registered; private pinned
+        memory if /dev/shm is too small). `shared`: POSIX shared memory (mode 0600) another process of this user
+        on this host can map, registered only if `pin_for_cuda`; a /dev/shm too small for it is an error."""
         self.layout = layout
         self.capacity = capacity
         self._shm: shared_memory.SharedMemory | None = None
@@ -35,16 +39,21 @@ class HostArena:
         nbytes = max(capacity, 1) * layout.slot_nbytes
         self.kind = "ram"
         raw: torch.Tensor
-        if pin_for_cuda and capacity > 0:
-            raw = self._shared_registered(nbytes)
+        if (pin_for_cuda or shared) and capacity > 0:
+            raw = self._shared(nbytes, register=pin_for_cuda, required=shared)
         else:
             raw = torch.empty(nbytes, dtype=torch.uint8)
         self._raw = raw
         self.slots = raw.view(layout.dtype).view(max(capacity, 1), layout.padded_numel)
 
-    def _shared_registered(self, nbytes: int) -> torch.Tensor:
+    def _shared(self, nbytes: int, register: bool, required: bool) -> torch.Tensor:
         shm_dir = "/dev/shm"
         free = os.statvfs(shm_dir).f_bavail * os.statvfs(shm_dir).f_frsize if os.path.isdir(shm_dir) else 0
+        if free < nbytes and required:
+            raise ValueError(
+                f"the host tier needs {nbytes} bytes of shared memory and /dev/shm has {free} free: lower the host "
+                "budget or give /dev/shm more room (docker: --shm-size)"
+            )
         if free < nbytes:
             # Writing past a too-small /dev/shm would SIGBUS; page-locked private memory
             # is as fast for this process, only not shareable.
@@ -53,6 +62,9 @@ class HostArena:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         self._shm = shared_memory.SharedMemory(create=True, size=nbytes)
         raw = torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=nbytes)
+        if not register:
+            self.kind = "shm"
+            return raw
         err = torch.cuda.cudart().cudaHostRegister(raw.data_ptr(), nbytes, 0)
         if int(err) != 0:
             raise RuntimeError(f"cudaHostRegister of {nbytes} bytes of shared memory failed with CUDA error {int(err)}")
@@ -71,8 +83,8 @@ class HostArena:
             self._registered_ptr = None
         self.slots = self._raw = None  # type: ignore[assignment]
         if self._shm is not None:
+            self._shm.unlink()  # first: the name goes even if a view still held somewhere keeps the pages mapped
             self._shm.close()
-            self._shm.unlink()
             self._shm = None
 
 

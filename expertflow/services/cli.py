@@ -1,6 +1,7 @@
 """The services' command lines, mounted by `expertflow`:
 
     expertflow serve  [--config FILE] [model flags]      every service as its own process (launcher.py)
+    expertflow expert-store [--config FILE] [--model] [--host-budget] [--listen]   (store_server.py)
     expertflow worker [--config FILE] [model flags] [--listen] [--store] [--orchestrator] ...
     expertflow api    [--config FILE] [--listen] [--worker]  the OpenAI-compatible HTTP endpoint
     expertflow ask PROMPT [--address] [sampling flags]   stream a completion from a worker
@@ -20,7 +21,7 @@ from pathlib import Path
 from expertflow.services.config import ServicesConfig
 
 # what `serve` starts, in order
-SERVE = ("worker", "api")
+SERVE = ("expert-store", "worker", "api")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -34,6 +35,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_subcommands(sub) -> None:
+    from expertflow.services import store_server
+
+    store_server.add_subcommand(sub)
     serve = sub.add_parser("serve", help="start every service as its own process and stop them together")
     _model_flags(serve)
     serve.set_defaults(services_command=_serve)

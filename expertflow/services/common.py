@@ -80,7 +80,11 @@ class GrpcServer:
         self.name = name
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{name}-rpc"),
-            options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
+            options=[
+                ("grpc.max_send_message_length", 64 << 20),
+                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.so_reuseport", 0),  # else a second server binds a port in use and they share its calls
+            ],
         )
         for add, servicer in servicers:
             add(servicer, self.server)

@@ -367,7 +367,18 @@ def load_model(config: ServicesConfig) -> LoadedModel:
         policy=m.policy,
         policy_inputs=inputs,
     )
-    return load(directory, options)
+    if not config.worker.store:
+        return load(directory, options)
+    from expertflow.services.store_client import RemoteExpertStore
+
+    store = RemoteExpertStore(config.worker.store, device)
+    try:
+        loaded = load(directory, options, store=store)
+    except BaseException:
+        store.close()
+        raise
+    loaded.owns_store = True  # the worker's own connection: closed with the model
+    return loaded
 
 
 def _predictor(model_dir: Path, given: str):

@@ -1,0 +1,103 @@
+"""What the expert-store server and its client agree on besides the messages: how an expert travels as chunks,
+dtype names, keys on the wire, and the host id that says whether two processes see the same shared memory.
+
+    chunks(buffer, chunk_bytes) -> ExpertChunk...  the sender: each chunk with its offset, crc32 and the total
+    receive(chunks, out) -> crc32 of the buffer      the receiver: every chunk checked (crc32, offset, total, no
+                                                     gap, no excess) before it is written; BadStream if not
+    dtype_name(torch.bfloat16) == "bfloat16"       dtype_of("bfloat16") is torch.bfloat16
+    key_to_proto((1, 5)) / key_from_proto(msg)     ExpertKey <-> expertflow.v1.ExpertKey
+    host_id()                                      equal in two processes only if they share /dev/shm
+
+Not for: serving (store_server.py) or reading (store_client.py), or any other service's messages.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from expert_store.keys import ExpertKey
+from expertflow.v1 import common_pb2
+from expertflow.v1 import expert_store_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 1 << 20  # large enough that per-message costs vanish, small enough to pipeline
+MIN_CHUNK_BYTES = 4 << 10
+MAX_CHUNK_BYTES = 32 << 20  # under the 64 MiB message limit both ends set (services/common.py, the client)
+MAX_MESSAGE_BYTES = 64 << 20
+
+_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, d in _DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"the expert store serves {sorted(_DTYPES)}, not {dtype}")
+
+
+def dtype_of(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"expert dtype {name!r} is not one of {sorted(_DTYPES)}") from None
+
+
+def key_to_proto(key: tuple[int, int]) -> common_pb2.ExpertKey:
+    return common_pb2.ExpertKey(layer=int(key[0]), expert=int(key[1]))
+
+
+def key_from_proto(key: common_pb2.ExpertKey) -> ExpertKey:
+    return ExpertKey(int(key.layer), int(key.expert))
+
+
+def chunk_size_error(chunk_bytes: int) -> str | None:
+    """Why a requested chunk size is refused, or None if it is fine (0: the server's default)."""
+    if chunk_bytes == 0 or MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+        return None
+    return f"chunk_bytes {chunk_bytes}: 0 (the default, {DEFAULT_CHUNK_BYTES}) or {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}"
+
+
+class BadStream(Exception):
+    """A stream of chunks that arrived, but wrong: worth fetching again."""
+
+
+def chunks(data: np.ndarray, chunk_bytes: int) -> Iterator[pb.ExpertChunk]:
+    """One buffer's bytes (uint8) as chunks, each with its offset, crc32 and the buffer's total."""
+    total = len(data)
+    for offset in range(0, total, chunk_bytes):
+        piece = data[offset : offset + chunk_bytes].tobytes()
+        yield pb.ExpertChunk(offset=offset, data=piece, crc32=zlib.crc32(piece), total=total)
+
+
+def receive(stream: Iterable[pb.ExpertChunk], out: np.ndarray) -> int:
+    """Write a buffer's chunks into `out` (uint8, the buffer's size), each checked before it is written; the
+    crc32 of the whole buffer, for the caller to compare with the one the store listed."""
+    size, done, crc = len(out), 0, 0
+    for chunk in stream:
+        n = len(chunk.data)
+        if chunk.total != size or chunk.offset != done or done + n > size:
+            where = f"a chunk of {n} bytes at byte {chunk.offset} of {chunk.total}"
+            raise BadStream(f"{where}, where byte {done} of {size} was due")
+        if zlib.crc32(chunk.data) != chunk.crc32:
+            raise BadStream(f"the chunk at byte {done} fails its crc32")
+        out[done : done + n] = np.frombuffer(chunk.data, dtype=np.uint8)
+        crc, done = zlib.crc32(chunk.data, crc), done + n
+    if done != size:
+        raise BadStream(f"the stream ended after {done} of {size} bytes")
+    return crc
+
+
+def host_id() -> str:
+    """This kernel boot and this /dev/shm mount. Processes on other machines differ in the first; containers on
+    one machine that do not share /dev/shm (each its own tmpfs) differ in the second, so equal ids mean that a
+    segment name one of them gives can be opened by the other."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    machine = boot.read_text().strip() if boot.exists() else socket.gethostname()
+    shm = os.stat("/dev/shm").st_dev if os.path.isdir("/dev/shm") else 0
+    return f"{machine}/{shm}"

@@ -131,7 +131,15 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_subcommand(sub)
     predictor_cli.add_subcommands(sub)
     orchestrator_cli.add_subcommands(sub)
+    _add_control_services(sub)
     return parser
+
+
+def _add_control_services(sub) -> None:
+    """`expertflow predictor` and `expertflow orchestrator` (expertflow/services/control_cli.py)."""
+    from expertflow.services import control_cli
+
+    control_cli.add_subcommands(sub)
 
 
 def _trace(args: argparse.Namespace) -> dict:
@@ -411,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
             from expertflow import prepare
 
             return prepare.run(args)
+        if args.command in ("predictor", "orchestrator"):
+            from expertflow.services import control_cli
+
+            return control_cli.run(args, _default_predictor)
         out = _trace(args) if args.command == "trace" else _generate(args)
     except (CheckpointError, UnsupportedArchitecture, FileNotFoundError, ValueError, KeyError) as e:
         print(f"expertflow: error: {e}", file=sys.stderr)

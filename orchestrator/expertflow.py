@@ -127,6 +127,13 @@ class ExpertFlow(Prefetcher):
         self.plans += 1
         return plan(inp, self.config.plan, use)
 
+    def prediction(self, request_id: RequestId) -> np.ndarray | None:
+        """[L, E] the request's latest prediction (its last token's, refined layers included), else its decayed
+        recent routing (a prompt, or a token the predictor could not predict); None for a request it does not know.
+        For the token scheduler, which groups requests by the experts they are expected to use."""
+        p = self._current.get(request_id, self._recent.get(request_id))
+        return None if p is None else p.copy()
+
     def finish(self, request_ids: Iterable[RequestId]) -> None:
         ids = list(request_ids)
         for rid in ids:

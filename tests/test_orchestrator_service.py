@@ -203,7 +203,10 @@ def test_services_from_the_cli_plan_the_worker_cache_and_outlive_restarts(tmp_pa
         codes = {name: proc.wait(30) for name, proc in procs.items()}
     assert codes["orchestrator"] == 0  # SIGTERM: a graceful stop
     log = (tmp_path / "orchestrator.log").read_text()
-    assert log.count("predictor service unavailable") == 1 and log.rstrip().endswith('"message": "stopped"}')
+    # the worker's session logged the predictor's outage once, not at every call since (a reconnecting worker's
+    # handshake checks the predictor too, and may log its own miss on a busy machine)
+    assert 1 <= log.count("predictor service unavailable") <= 2
+    assert log.rstrip().endswith('"message": "stopped"}')
 
 
 # -- in this process --------------------------------------------------------------------------------------

@@ -69,6 +69,8 @@ def test_contracts_round_trip_exactly():
     assert back_routes.speculation.keys() == {"b"} and np.array_equal(back_routes.speculation["b"], [4, 2])
     no_spec = convert.routes_from_proto(0, convert.routes_to_proto(LayerRoutes(0, {"a": np.array([[1, 2]])})), (3, 5))
     assert no_spec.speculation is None
+    known = convert.routes_from_proto(1, convert.routes_to_proto(routed), (3, 5), known={"a"})
+    assert known.routes.keys() == {"a"} and known.speculation is None  # the others are left out
 
     probs = {"a": np.random.default_rng(2).random((3, 5)).astype(np.float32), "b": np.zeros((3, 5), np.float32)}
     back_probs = convert.probabilities_from_proto(convert.probabilities_to_proto(probs), (3, 5))

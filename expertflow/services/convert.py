@@ -17,7 +17,7 @@ Not for: any service's logic (the servers and clients), or choosing what the mes
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -154,8 +154,12 @@ def routes_to_proto(routed: LayerRoutes) -> list[common_pb2.RequestRoutes]:
     return out
 
 
-def routes_from_proto(layer: int, msgs: Sequence[common_pb2.RequestRoutes], shape: Shape) -> LayerRoutes:
-    """speculation is None unless some request carries it (then only those requests have an entry)."""
+def routes_from_proto(
+    layer: int, msgs: Sequence[common_pb2.RequestRoutes], shape: Shape, known: Container[RequestId] | None = None
+) -> LayerRoutes:
+    """speculation is None unless some request carries it (then only those requests have an entry). `known`: the
+    requests to keep (None: all); the others are checked, then left out (a server that restarted, say, has not
+    seen them, and starts them afresh at their next step)."""
     n_layers, n_experts = shape
     if layer >= n_layers:
         raise MessageError(f"routes of MoE layer {layer}: the model has {n_layers} MoE layers (0..{n_layers - 1})")
@@ -167,13 +171,14 @@ def routes_from_proto(layer: int, msgs: Sequence[common_pb2.RequestRoutes], shap
                 f"routes of request {m.request_id!r}: {len(m.experts)} experts do not make rows of top_k "
                 f"{m.top_k} (1..{n_experts})"
             )
-        routes[m.request_id] = _experts(m.experts, n_experts, f"routes of request {m.request_id!r}").reshape(
-            -1, m.top_k
-        )
-        if m.speculation:
-            speculation[m.request_id] = _experts(m.speculation, n_experts, f"speculation of request {m.request_id!r}")
-    if len(routes) != len(msgs):
-        _unique_ids((m.request_id for m in msgs), f"layer {layer}")
+        rows = _experts(m.experts, n_experts, f"routes of request {m.request_id!r}").reshape(-1, m.top_k)
+        spec = _experts(m.speculation, n_experts, f"speculation of request {m.request_id!r}") if m.speculation else None
+        if known is not None and m.request_id not in known:
+            continue
+        routes[m.request_id] = rows
+        if spec is not None:
+            speculation[m.request_id] = spec
+    _unique_ids((m.request_id for m in msgs), f"layer {layer}")
     return LayerRoutes(layer, routes, speculation or None)
 
 

@@ -20,18 +20,20 @@ logging once per outage; a restarted orchestrator starts the running requests af
 policy, a model its predictor does not fit) raises ValueError at construction, when the orchestrator answers
 then; later refusals are logged.
 
-Transport (bench/control_latency.py, loopback, 2-core Xeon, grpcio 1.85, pyzmq 27; one after_layer event of 8
-requests and its answer, a 4-transfer plan with the next-use ranking):
+Transport (bench/control_latency.py, bench/results/control_latency_cpu.json: loopback on a shared 2-core Xeon,
+grpcio 1.85, pyzmq 27; one after_layer event of 8 requests and its answer, a 4-transfer plan with the ranking):
 
-    shape   event / answer bytes   gRPC bidi stream   gRPC unary      ZMQ DEALER/ROUTER (same protobuf bytes)
-    4x8       335 /    390         212 us, 135 CPU    629 us, 262     50 us, 23 CPU
-    26x64    2350 / 13446          214 us, 120 CPU    412 us, 187     56 us, 27 CPU
-    (p50 round trip; CPU: microseconds of the worker process, every thread, per event)
+    shape   event / answer bytes   gRPC bidi stream   gRPC unary       ZMQ DEALER/ROUTER (same protobuf bytes)
+    4x8       335 /    390         233 us, 138 CPU    432 us, 210      49 us, 24 CPU
+    26x64    2350 / 13446          234 us, 144 CPU    547 us, 270      61 us, 32 CPU
+    (p50 round trip; CPU: microseconds of the worker process, every thread, per event; a run while the machine
+    was busier: ZMQ 168-176 us, the stream 246-437 us)
 
 So the per-event exchange, (L + 1) events per token, goes over ZMQ: a quarter of the stream's latency and a
 fifth of its CPU in the worker, where that CPU competes with the engine's thread for the GIL (26 layers: about
-4 ms less CPU per token). gRPC stays for what is not per event: GetInfo (the handshake, which also says the
-ZMQ port), Schedule, health; the orchestrator serves the gRPC Plans stream too, for clients that want it.
+3 ms less CPU and 5 ms less waiting per token). gRPC stays for what is not per event: GetInfo (the handshake,
+which also says the ZMQ port), Schedule, health; the orchestrator serves the gRPC Plans stream too, for clients
+that want it.
 The socket belongs to one I/O thread (ZMQ sockets are not thread-safe): the engine's calls hand it their
 events through a queue and an inproc wake-up socket, and the events are encoded there, off the engine's thread.
 

@@ -45,7 +45,7 @@ from expertflow.services.predictor_client import RemoteSessions
 from expertflow.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.expertflow import ExpertFlow
 from orchestrator.policies import PolicyInputs, PolicyUnavailable, make_policy
-from orchestrator.prefetcher import LayerRoutes, Prefetcher
+from orchestrator.prefetcher import Prefetcher
 from orchestrator.scheduler import Request, SchedulerConfig, fifo_batch, form_batch
 from predictor.base import RequestId
 
@@ -91,6 +91,8 @@ class PrefetchSession:
             if self.remote is not None:
                 self.remote.close()
             raise
+        # the predictive prefetcher: it holds predictions (for Schedule) and plans with the predictor service
+        self.flow = self.prefetcher if isinstance(self.prefetcher, ExpertFlow) else None
         self.lock = threading.Lock()
         self.seen = time.monotonic()
         self._known: set[RequestId] = set()
@@ -107,11 +109,8 @@ class PrefetchSession:
 
     def after_layer(self, msg: orchestrator_pb2.AfterLayerRequest) -> orchestrator_pb2.PlanMessage:
         view = convert.view_from_proto(msg.view, self.shape)
-        routed = convert.routes_from_proto(msg.layer, msg.routes, self.shape)
-        routes = {rid: rows for rid, rows in routed.routes.items() if rid in self._known}
-        spec = routed.speculation and {rid: s for rid, s in routed.speculation.items() if rid in self._known}
-        plan = self.prefetcher.after_layer(LayerRoutes(routed.layer, routes, spec or None), view)
-        return self._answer(msg.step, msg.layer, plan)
+        routed = convert.routes_from_proto(msg.layer, msg.routes, self.shape, known=self._known)
+        return self._answer(msg.step, msg.layer, self.prefetcher.after_layer(routed, view))
 
     def finish(self, request_ids: Iterable[RequestId]) -> None:
         ids = [rid for rid in request_ids if rid in self._known]
@@ -121,19 +120,18 @@ class PrefetchSession:
 
     def prediction(self, request_id: RequestId) -> np.ndarray | None:
         """[L, E] what the session expects the request's next token to use (None: nothing known)."""
-        if isinstance(self.prefetcher, ExpertFlow):
-            return self.prefetcher.prediction(request_id)
-        return None
+        return None if self.flow is None else self.flow.prediction(request_id)
 
     def predictor_mismatch(self) -> str | None:
         """Why the predictor service cannot serve this session's model (it predicts another shape), if it says so."""
-        if self.remote is None or not isinstance(self.prefetcher, ExpertFlow):
+        if self.remote is None or self.flow is None:
             return None
-        self.remote.check()
+        # briefly: a worker's handshake waits on this, and a predictor that is down is no reason to refuse it
+        self.remote.check(timeout_s=min(self.remote.timeout_s, 0.5))
         return self.remote.mismatch
 
     def info(self) -> orchestrator_pb2.OrchestratorInfo:
-        predictor = self.remote.label if self.remote is not None and isinstance(self.prefetcher, ExpertFlow) else ""
+        predictor = self.remote.label if self.remote is not None and self.flow is not None else ""
         return orchestrator_pb2.OrchestratorInfo(
             policy=self.policy_name, wants_speculation=self.prefetcher.wants_speculation, predictor=predictor
         )

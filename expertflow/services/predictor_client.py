@@ -73,11 +73,9 @@ class RemoteSessions(SessionPredictor):
         request = predictor_pb2.PredictStepRequest(
             requests=[common_pb2.RequestTokens(request_id=rid, tokens=t) for rid, t in tokens.items()]
         )
+        self._live.update(tokens)  # a late call most likely reached the service: finish these there all the same
         reply = self._call("Step", request)
-        if reply is None:
-            return {}
-        self._live.update(tokens)
-        return self._decode(reply.predictions, (self.n_layers, self.n_experts))
+        return {} if reply is None else self._decode(reply.predictions, (self.n_layers, self.n_experts))
 
     def layer(
         self,
@@ -95,13 +93,14 @@ class RemoteSessions(SessionPredictor):
         if ids:
             self._call("Finish", common_pb2.FinishRequest(request_ids=ids))
 
-    def check(self) -> predictor_pb2.PredictorInfo | None:
-        """The service's info if it answers in time and predicts this shape (else None, logged)."""
+    def check(self, timeout_s: float | None = None) -> predictor_pb2.PredictorInfo | None:
+        """The service's info if it answers within `timeout_s` (None: the call deadline) and predicts this shape
+        (else None, logged)."""
         if self._closed:
             return None
         self._connect()
         try:
-            info = self._stub.GetInfo(predictor_pb2.PredictorInfoRequest(), timeout=self.timeout_s)
+            info = self._stub.GetInfo(predictor_pb2.PredictorInfoRequest(), timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as e:
             self._lost(f"{e.code().name}: {e.details()}")
             return None

@@ -33,7 +33,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from expertflow.services import convert
 from expertflow.services.common import GrpcServer, run_until_stopped
 from expertflow.v1 import common_pb2, predictor_pb2, predictor_pb2_grpc
-from orchestrator.prefetcher import LayerRoutes
 from predictor.base import RequestId, SessionPredictor
 
 CLIENT_KEY = "expertflow-client"  # gRPC metadata: which client's sessions a call belongs to
@@ -90,11 +89,9 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
 
     def Layer(self, request, context) -> predictor_pb2.PredictLayerResponse:
         with self._call("layer", context) as client:
-            routed = convert.routes_from_proto(request.layer, request.routes, (self.n_layers, self.n_experts))
-            routes = {rid: rows for rid, rows in routed.routes.items() if rid in client.live}
-            spec = routed.speculation and {rid: s for rid, s in routed.speculation.items() if rid in client.live}
-            known = LayerRoutes(routed.layer, routes, spec or None)
-            refined = client.predictor.layer(known.layer, known.routes, known.speculation)
+            shape = (self.n_layers, self.n_experts)
+            routed = convert.routes_from_proto(request.layer, request.routes, shape, known=client.live)
+            refined = client.predictor.layer(routed.layer, routed.routes, routed.speculation)
             return predictor_pb2.PredictLayerResponse(refined=convert.probabilities_to_proto(refined))
 
     def Finish(self, request, context) -> common_pb2.FinishResponse:

@@ -37,7 +37,7 @@ from expertflow.model import MoETransformer
 from expertflow.moe import ForwardHooks
 from expertflow.requests import RequestError, SamplingParams, sample
 from orchestrator.prefetcher import LayerRoutes, Prefetcher, StepRequest
-from orchestrator.scheduler import Request, SchedulerConfig, fifo_batch, form_batch
+from orchestrator.scheduler import Request, SchedulerConfig, fifo_batch
 
 SCHEDULERS = ("fifo", "expertflow")
 
@@ -314,18 +314,17 @@ class BatchEngine:
         ready = [r for r in self._running if r.row >= 0 and r.length > 0]
         if len(ready) <= self.max_batch:
             return ready
-        queue = [Request(i, r.waited, self._route_estimate(r)) for i, r in enumerate(ready)]
-        pick = form_batch if self.scheduler == "expertflow" else fifo_batch
-        return [ready[i] for i in pick(queue, self.schedule)]
-
-    def _route_estimate(self, request: Running) -> np.ndarray:
-        """[L, E] what the prefetcher expects the request's next token to use; uniform where it has no view."""
-        space = self.spec.experts
+        picked = None
         prefetcher = self.runner.prefetcher
-        estimate = prefetcher.route_estimate(request.id) if prefetcher is not None else None
-        if estimate is None:
-            return np.full(space.shape, space.top_k / space.n_experts, np.float32)
-        return estimate
+        if self.scheduler == "expertflow" and prefetcher is not None:
+            space = self.spec.experts
+            neutral = np.full(space.shape, space.top_k / space.n_experts, np.float32)
+            picked = prefetcher.schedule([(r.id, r.waited) for r in ready], self.schedule, neutral)
+        if picked is None:  # fifo, or a scheduler that could not answer: the longest-waiting first
+            queue = [Request(i, r.waited, np.zeros(0)) for i, r in enumerate(ready)]
+            return [ready[i] for i in fifo_batch(queue, self.schedule)]
+        by_id = {r.id: r for r in ready}
+        return [by_id[rid] for rid in picked if rid in by_id][: self.max_batch]
 
     def _forward(self, batch: list[Running]) -> tuple[torch.Tensor, CacheStats, float]:
         """One pass over `batch`, each request's pending tokens at its own columns: last logits [B, V]."""

@@ -136,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+
 def _trace(args: argparse.Namespace) -> dict:
     from expertflow.default_model import default_model_dir
     from expertflow.engine import Engine
@@ -188,7 +189,9 @@ def _policy_inputs(args: argparse.Namespace):
         from predictor.learned import LearnedPredictor
         from predictor.online import OnlineConfig
 
-        predictor_dir = args.predictor if args.predictor is not None else _default_predictor(args.model)
+        from expertflow.default_model import default_predictor
+
+        predictor_dir = args.predictor if args.predictor is not None else default_predictor(args.model)
         if not (predictor_dir / "config.json").exists():
             raise FileNotFoundError(f"{predictor_dir}: not a predictor directory (no config.json)")
         learned = LearnedPredictor.load(predictor_dir, None if args.no_online_correction else OnlineConfig())
@@ -215,24 +218,6 @@ def _policy_inputs(args: argparse.Namespace):
         return policy_inputs(space, **values)
 
     return build
-
-
-def _default_predictor(model: Path | None) -> Path:
-    """The predictor `expertflow prepare` made for the model (predictor/locate.py), or an error naming the
-    command that makes one."""
-    from expertflow.default_model import default_model_dir
-    from predictor.locate import candidate_dirs, find_predictor
-
-    directory = model if model is not None else default_model_dir()
-    found = find_predictor(directory)
-    if found is None:
-        looked = " or ".join(str(d) for d in candidate_dirs(directory))
-        flag = f" --model {model}" if model is not None else ""
-        raise FileNotFoundError(
-            f"no route predictor for {directory} (looked in {looked}); make one with "
-            f"`expertflow prepare{flag} --data FILE...`, or pass --predictor DIR"
-        )
-    return found
 
 
 class _TextStream:

@@ -136,11 +136,12 @@ class ExpertFlow(Prefetcher):
         return plan(inp, self.config.plan, use)
 
     def route_estimate(self, request_id: RequestId) -> np.ndarray | None:
-        """The request's last prediction (its refined rows in), else its recent routing, else None."""
-        current = self._current.get(request_id)
-        if current is not None:
-            return current
-        return self._recent.get(request_id)
+        """[L, E] the request's latest prediction (its last token's, refined layers included), else its decayed
+        recent routing (a prompt, or a token the predictor could not predict); None for a request it does not know.
+        For the token scheduler, which groups requests by the experts they are expected to use. A copy: the
+        caller may be another thread, and cannot change the prefetcher's state."""
+        p = self._current.get(request_id, self._recent.get(request_id))
+        return None if p is None else p.copy()
 
     def finish(self, request_ids: Iterable[RequestId]) -> None:
         ids = list(request_ids)

@@ -72,6 +72,9 @@ class PlanningThread(Prefetcher):
             self._taken = number
         return plan
 
+    def schedule(self, waiting, config, neutral):
+        return self.inner.schedule(waiting, config, neutral)
+
     def route_estimate(self, request_id: RequestId) -> np.ndarray | None:
         # Read from the engine's thread while the worker may be refining one of the array's rows: an estimate
         # either way, and the scheduler only ranks requests with it.

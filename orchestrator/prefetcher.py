@@ -10,7 +10,8 @@ The engine (and the simulator, in the same order) calls a prefetcher explicitly:
                                  computes it (`wants_speculation`)
     finish(ids)                  requests that left the batch
     poll()                       a plan finished since (asynchronous prefetchers: planning_thread.py)
-    route_estimate(id)           what it expects a request's next token to use (for the token scheduler)
+    route_estimate(id)           what it expects a request's next token to use
+    schedule(waiting, ...)       the token scheduler's next micro-batch, from those estimates
 
 Each call gets a fresh `CacheView` (expert_store/plan.py) and may return a `Plan`, which the cache
 executes whole. A prefetcher that ranks victims by its own predictions brings its `eviction` policy;
@@ -32,6 +33,7 @@ import numpy as np
 
 from expert_store.eviction import EvictionPolicy
 from expert_store.plan import CacheView, Plan
+from orchestrator.scheduler import Request, SchedulerConfig, form_batch
 from predictor.base import RequestId
 
 
@@ -75,6 +77,19 @@ class Prefetcher(ABC):
         """[L, E] what the prefetcher expects the request's next token to use (the token scheduler groups
         requests by it); None where it has no view of the request."""
         return None
+
+    def schedule(
+        self, waiting: Sequence[tuple[RequestId, int]], config: SchedulerConfig, neutral: np.ndarray
+    ) -> list[RequestId] | None:
+        """The method's token scheduler: which of the `waiting` requests (id, steps left out) decode together next,
+        grouped by `route_estimate` (`neutral` [L, E] where it has none; with none at all: oldest first). None: the
+        caller decides (a remote prefetcher that could not answer)."""
+        queue = [Request(i, waited, self._estimate(rid, neutral)) for i, (rid, waited) in enumerate(waiting)]
+        return [waiting[i][0] for i in form_batch(queue, config)]
+
+    def _estimate(self, request_id: RequestId, neutral: np.ndarray) -> np.ndarray:
+        estimate = self.route_estimate(request_id)
+        return neutral if estimate is None else estimate
 
     def close(self) -> None:
         """Stop any worker; the prefetcher is unusable afterwards."""

@@ -2,6 +2,7 @@
 
     expertflow serve  [--config FILE] [model flags]      every service as its own process (launcher.py)
     expertflow expert-store [--config FILE] [--model] [--host-budget] [--listen]   (store_server.py)
+    expertflow predictor | orchestrator [--config FILE] ...                          (control_cli.py)
     expertflow worker [--config FILE] [model flags] [--listen] [--store] [--orchestrator] ...
     expertflow api    [--config FILE] [--listen] [--worker]  the OpenAI-compatible HTTP endpoint
     expertflow ask PROMPT [--address] [sampling flags]   stream a completion from a worker
@@ -21,7 +22,7 @@ from pathlib import Path
 from expertflow.services.config import ServicesConfig
 
 # what `serve` starts, in order
-SERVE = ("expert-store", "worker", "api")
+SERVE = ("expert-store", "predictor", "orchestrator", "worker", "api")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -35,9 +36,10 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_subcommands(sub) -> None:
-    from expertflow.services import store_server
+    from expertflow.services import control_cli, store_server
 
     store_server.add_subcommand(sub)
+    control_cli.add_subcommands(sub)
     serve = sub.add_parser("serve", help="start every service as its own process and stop them together")
     _model_flags(serve)
     serve.set_defaults(services_command=_serve)

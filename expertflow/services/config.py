@@ -3,7 +3,7 @@
     [model]          dir (default: the embedded model), device, dtype, expert_budget, host_budget, policy, predictor
     [worker]         listen, rows, max_len, max_batch, token_budget, scheduler ("expertflow" | "fifo"), max_wait,
                      plan_timeout_ms, max_new_tokens, max_queue, store and orchestrator (addresses; empty: in process)
-    [expert_store]   listen
+    [expert_store]   listen (the host budget is [model] host_budget)
     [predictor]      listen
     [orchestrator]   listen, predictor (address; empty: in process)
     [api]            listen (the OpenAI-compatible HTTP endpoint), worker (address)
@@ -43,7 +43,7 @@ class WorkerConfig:
     token_budget: int = 512  # tokens one step may run (prompts and decodes together)
     scheduler: str = "expertflow"  # "expertflow": group requests with similar predicted routes; "fifo"
     max_wait: int = 4  # steps a running request may be left out at most
-    plan_timeout_ms: float = 2.0  # how long a step waits for the orchestrator before loading reactively
+    plan_timeout_ms: float = 2.0  # how long one prefetch event waits for the orchestrator's plan; then reactive loading
     max_new_tokens: int = 256  # a request's default and cap
     max_queue: int = 1024  # requests waiting at most; more get RESOURCE_EXHAUSTED
     store: str = ""  # the expert-store service's address; empty: the worker's own in-process store

@@ -82,8 +82,11 @@ class WorkerMetrics:
         self.plan = Counter("expertflow_plan_seconds", "host time deciding prefetches", registry=registry)
         self.prefetch = Counter("expertflow_prefetches", "prefetch copies by fate", ["fate"], registry=registry)
         self.recall = Gauge(
-            "expertflow_prediction_recall", "routed experts among the k the prefetcher rated likeliest", registry=registry
+            "expertflow_prediction_recall",
+            "routed experts among the k the prefetcher rated likeliest (NaN: planned elsewhere, see the orchestrator's)",
+            registry=registry,
         )
+        self.recall.set(float("nan"))
 
     def step(self, report: StepReport) -> None:
         s = report.stats
@@ -342,7 +345,8 @@ class Worker(inference_pb2_grpc.InferenceServicer):
 def load_model(config: ServicesConfig) -> LoadedModel:
     """The worker's model as [model] says: its experts from the expert-store service when [worker] store is
     set (else an in-process store), its prefetches from the orchestrator when [worker] orchestrator is set
-    (else planned in process, with the model's predictor for the expertflow policy)."""
+    (else planned in process, with the model's predictor for the expertflow policy). A policy that prefetches
+    nothing (lru, ondemand) runs in process either way."""
     from expertflow.default_model import default_model_dir
     from expertflow.loader import LoadOptions, load, policy_inputs
 
@@ -359,6 +363,11 @@ def load_model(config: ServicesConfig) -> LoadedModel:
             values["learned"] = _predictor(directory, m.predictor).sessions()
         return policy_inputs(space, **values)
 
+    factory = None
+    if config.worker.orchestrator and m.policy not in ("lru", "ondemand"):  # planned by the orchestrator service
+        from expertflow.services.orchestrator_client import remote_policy
+
+        factory = remote_policy(config.worker.orchestrator, m.policy, wait_ms=config.worker.plan_timeout_ms)
     options = LoadOptions(
         device=device,
         dtype=dtypes.get(m.dtype),
@@ -366,6 +375,7 @@ def load_model(config: ServicesConfig) -> LoadedModel:
         host_budget=m.host_budget,
         policy=m.policy,
         policy_inputs=inputs,
+        policy_factory=factory,
     )
     if not config.worker.store:
         return load(directory, options)

@@ -7,6 +7,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PrefetchSetup(_message.Message):
+    __slots__ = ("moe_layers", "experts", "top_k", "policy")
+    MOE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    moe_layers: int
+    experts: int
+    top_k: int
+    policy: str
+    def __init__(self, moe_layers: _Optional[int] = ..., experts: _Optional[int] = ..., top_k: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class OrchestratorInfo(_message.Message):
+    __slots__ = ("policy", "wants_speculation", "predictor", "plans_port")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    WANTS_SPECULATION_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_FIELD_NUMBER: _ClassVar[int]
+    PLANS_PORT_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    wants_speculation: bool
+    predictor: str
+    plans_port: int
+    def __init__(self, policy: _Optional[str] = ..., wants_speculation: _Optional[bool] = ..., predictor: _Optional[str] = ..., plans_port: _Optional[int] = ...) -> None: ...
+
 class InFlight(_message.Message):
     __slots__ = ("key", "eta_ms", "started")
     KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,16 +78,18 @@ class Transfer(_message.Message):
     def __init__(self, key: _Optional[_Union[_common_pb2.ExpertKey, _Mapping]] = ..., deadline_ms: _Optional[float] = ..., eta_ms: _Optional[float] = ..., prob: _Optional[float] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("fetch", "cancel", "evict", "next_use_ms")
+    __slots__ = ("fetch", "cancel", "evict", "next_use_ms", "clear_next_use")
     FETCH_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     EVICT_FIELD_NUMBER: _ClassVar[int]
     NEXT_USE_MS_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_NEXT_USE_FIELD_NUMBER: _ClassVar[int]
     fetch: _containers.RepeatedCompositeFieldContainer[Transfer]
     cancel: _containers.RepeatedCompositeFieldContainer[_common_pb2.ExpertKey]
     evict: _containers.RepeatedCompositeFieldContainer[_common_pb2.ExpertKey]
     next_use_ms: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, fetch: _Optional[_Iterable[_Union[Transfer, _Mapping]]] = ..., cancel: _Optional[_Iterable[_Union[_common_pb2.ExpertKey, _Mapping]]] = ..., evict: _Optional[_Iterable[_Union[_common_pb2.ExpertKey, _Mapping]]] = ..., next_use_ms: _Optional[_Iterable[float]] = ...) -> None: ...
+    clear_next_use: bool
+    def __init__(self, fetch: _Optional[_Iterable[_Union[Transfer, _Mapping]]] = ..., cancel: _Optional[_Iterable[_Union[_common_pb2.ExpertKey, _Mapping]]] = ..., evict: _Optional[_Iterable[_Union[_common_pb2.ExpertKey, _Mapping]]] = ..., next_use_ms: _Optional[_Iterable[float]] = ..., clear_next_use: _Optional[bool] = ...) -> None: ...
 
 class BeginStepRequest(_message.Message):
     __slots__ = ("step", "requests", "view")
@@ -88,14 +114,16 @@ class AfterLayerRequest(_message.Message):
     def __init__(self, step: _Optional[int] = ..., layer: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[_common_pb2.RequestRoutes, _Mapping]]] = ..., view: _Optional[_Union[CacheView, _Mapping]] = ...) -> None: ...
 
 class PrefetchEvent(_message.Message):
-    __slots__ = ("begin_step", "after_layer", "finish")
+    __slots__ = ("begin_step", "after_layer", "finish", "setup")
     BEGIN_STEP_FIELD_NUMBER: _ClassVar[int]
     AFTER_LAYER_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
+    SETUP_FIELD_NUMBER: _ClassVar[int]
     begin_step: BeginStepRequest
     after_layer: AfterLayerRequest
     finish: _common_pb2.FinishRequest
-    def __init__(self, begin_step: _Optional[_Union[BeginStepRequest, _Mapping]] = ..., after_layer: _Optional[_Union[AfterLayerRequest, _Mapping]] = ..., finish: _Optional[_Union[_common_pb2.FinishRequest, _Mapping]] = ...) -> None: ...
+    setup: PrefetchSetup
+    def __init__(self, begin_step: _Optional[_Union[BeginStepRequest, _Mapping]] = ..., after_layer: _Optional[_Union[AfterLayerRequest, _Mapping]] = ..., finish: _Optional[_Union[_common_pb2.FinishRequest, _Mapping]] = ..., setup: _Optional[_Union[PrefetchSetup, _Mapping]] = ...) -> None: ...
 
 class PlanMessage(_message.Message):
     __slots__ = ("step", "layer", "has_plan", "plan")
@@ -118,14 +146,16 @@ class WaitingRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., waited: _Optional[int] = ...) -> None: ...
 
 class ScheduleRequest(_message.Message):
-    __slots__ = ("queue", "batch", "max_wait")
+    __slots__ = ("queue", "batch", "max_wait", "scheduler")
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     queue: _containers.RepeatedCompositeFieldContainer[WaitingRequest]
     batch: int
     max_wait: int
-    def __init__(self, queue: _Optional[_Iterable[_Union[WaitingRequest, _Mapping]]] = ..., batch: _Optional[int] = ..., max_wait: _Optional[int] = ...) -> None: ...
+    scheduler: str
+    def __init__(self, queue: _Optional[_Iterable[_Union[WaitingRequest, _Mapping]]] = ..., batch: _Optional[int] = ..., max_wait: _Optional[int] = ..., scheduler: _Optional[str] = ...) -> None: ...
 
 class ScheduleResponse(_message.Message):
     __slots__ = ("request_ids",)

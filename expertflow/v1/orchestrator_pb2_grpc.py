@@ -60,6 +60,11 @@ class OrchestratorStub:
                 request_serializer=expertflow_dot_v1_dot_orchestrator__pb2.ScheduleRequest.SerializeToString,
                 response_deserializer=expertflow_dot_v1_dot_orchestrator__pb2.ScheduleResponse.FromString,
                 _registered_method=True)
+        self.GetInfo = channel.unary_unary(
+                '/expertflow.v1.Orchestrator/GetInfo',
+                request_serializer=expertflow_dot_v1_dot_orchestrator__pb2.PrefetchSetup.SerializeToString,
+                response_deserializer=expertflow_dot_v1_dot_orchestrator__pb2.OrchestratorInfo.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServicer:
@@ -68,6 +73,8 @@ class OrchestratorServicer:
     def Plans(self, request_iterator, context):
         """One stream per worker: it sends step and layer events in order, the orchestrator answers with plans as
         they are made (possibly fewer plans than events; a plan the worker takes too late is still safe to run).
+        This orchestrator answers every begin_step and after_layer event once, in order (has_plan false where it
+        planned nothing), so a worker can tell how far behind it is.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +101,14 @@ class OrchestratorServicer:
 
     def Schedule(self, request, context):
         """Which waiting requests decode together next (the method's token scheduler).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInfo(self, request, context):
+        """The policy the orchestrator plans with for a worker's model; INVALID_ARGUMENT (with the reason) when it
+        cannot run for that model (an unknown policy, a predictor of another shape).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,6 +141,11 @@ def add_OrchestratorServicer_to_server(servicer, server):
                     servicer.Schedule,
                     request_deserializer=expertflow_dot_v1_dot_orchestrator__pb2.ScheduleRequest.FromString,
                     response_serializer=expertflow_dot_v1_dot_orchestrator__pb2.ScheduleResponse.SerializeToString,
+            ),
+            'GetInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInfo,
+                    request_deserializer=expertflow_dot_v1_dot_orchestrator__pb2.PrefetchSetup.FromString,
+                    response_serializer=expertflow_dot_v1_dot_orchestrator__pb2.OrchestratorInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +283,33 @@ class Orchestrator:
             '/expertflow.v1.Orchestrator/Schedule',
             expertflow_dot_v1_dot_orchestrator__pb2.ScheduleRequest.SerializeToString,
             expertflow_dot_v1_dot_orchestrator__pb2.ScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expertflow.v1.Orchestrator/GetInfo',
+            expertflow_dot_v1_dot_orchestrator__pb2.PrefetchSetup.SerializeToString,
+            expertflow_dot_v1_dot_orchestrator__pb2.OrchestratorInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,8 +3,11 @@
 The launcher writes the effective config (the file plus command-line overrides, the services wired to each
 other's addresses) to one TOML file, then starts each service with exactly the command compose.yaml runs:
 `python -m expertflow.cli <service> --config FILE`, in dependency order, waiting for each to report SERVING
-(gRPC health) or to answer on its port before the next. On SIGTERM/SIGINT, or when any service exits on its
-own, it stops the rest in reverse order: SIGTERM, `grace_s` to finish requests in flight, then SIGKILL.
+(gRPC health) or to answer on its port before the next. A service that exits on its own is started again (as
+compose's `restart: unless-stopped` does; the others carry on meanwhile: a worker without its predictor loads
+reactively), unless it failed `max_restarts` times within `restart_window_s`: then everything stops, with
+an error. On SIGTERM/SIGINT it stops the services in reverse order: SIGTERM, `grace_s` to finish requests in
+flight, then SIGKILL.
 
 Not for: any service's work (each runs its own module) or deployment across hosts (compose, the next issue).
 """
@@ -82,9 +85,12 @@ class Launcher:
         log: logging.Logger,
         grace_s: float = 30.0,
         start_timeout_s: float = 300.0,
+        max_restarts: int = 3,
+        restart_window_s: float = 60.0,
     ) -> None:
         self.config, self.log = config, log
         self.grace_s, self.start_timeout_s = grace_s, start_timeout_s
+        self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
         self._dir = tempfile.TemporaryDirectory(prefix="expertflow-serve-")
         self.config_file = Path(self._dir.name) / "expertflow.toml"
         self.config_file.write_text(config.to_toml())
@@ -120,16 +126,29 @@ class Launcher:
                     raise TimeoutError(f"{spec.name} did not come up at {spec.address}") from None
 
     def wait(self) -> int:
-        """Block until SIGTERM/SIGINT or a service exits; stop everything; the exit code."""
+        """Block until SIGTERM/SIGINT, restarting services that exit on their own; stop everything; the exit code
+        (0, or 1 when a service kept failing)."""
         previous = {s: signal.signal(s, lambda *_: self._stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
         code = 0
+        failures: dict[str, list[float]] = {}
         try:
             while not self._stop.wait(0.5):
-                for spec, process in self.processes:
-                    if process.poll() is not None:
-                        self.log.error("service exited", extra={"service_name": spec.name, "code": process.returncode})
-                        code = process.returncode or 1
+                for i, (spec, process) in enumerate(self.processes):
+                    if process.poll() is None:
+                        continue
+                    now = time.monotonic()
+                    recent = [t for t in failures.get(spec.name, []) if now - t < self.restart_window_s] + [now]
+                    failures[spec.name] = recent
+                    if len(recent) > self.max_restarts:
+                        self.log.error(
+                            "service keeps failing", extra={"service_name": spec.name, "code": process.returncode}
+                        )
+                        code = 1
                         self._stop.set()
+                        break
+                    self.log.warning("service exited; starting it again",
+                                     extra={"service_name": spec.name, "code": process.returncode})  # fmt: skip
+                    self.processes[i] = (spec, subprocess.Popen(command(spec.name, self.config_file)))
         finally:
             self.stop()
             for s, handler in previous.items():

@@ -3,7 +3,8 @@
 #   1. a wheelhouse on the host: `pip download` of the dependencies (Linux x86_64, CPython 3.11) and
 #      expertflow's own wheel; pip never runs against an index inside a container (no CA, no proxy there);
 #   2. the base image expertflow-base:bookworm, from debootstrap, when no other BASE is given;
-#   3. the images: expertflow:latest (every service) and expertflow-redis:latest.
+#   3. the images: expertflow:latest (every service) and expertflow-redis:latest (and expertflow:latest-deps,
+#      the dependencies' stage, kept as the build cache).
 # Each step is cached (the wheelhouse and the base's root file system under EXPERTFLOW_DOCKER_CACHE, the layers
 # in Docker), so a re-run after a code change rebuilds only expertflow's own layer.
 #
@@ -125,9 +126,17 @@ if [ "$base" = "$local_base" ] && ! docker image inspect "$local_base" >/dev/nul
 fi
 
 # --- 3. the images -------------------------------------------------------------------------------------------
+# The dependencies' stage gets a tag of its own: an untagged stage would count as dangling and go with the
+# prune below, and with it the cache that makes a rebuild take seconds instead of minutes.
+case "$image" in *:*) deps_image=$image-deps ;; *) deps_image=$image:deps ;; esac
+step "image: $deps_image (the dependencies) FROM $base"
+docker build --build-arg "BASE=$base" -f "$repo/docker/Dockerfile" --target deps -t "$deps_image" "$cache/context"
 step "image: $image FROM $base"
 docker build --build-arg "BASE=$base" -f "$repo/docker/Dockerfile" -t "$image" "$cache/context"
 step "image: $redis_image FROM $base"
 empty=$(mktemp -d -p "$src")
 docker build --build-arg "BASE=$base" -f "$repo/docker/redis.Dockerfile" -t "$redis_image" "$empty"
+# Each code change leaves the previous image untagged: drop those (ours only, by label) so repeated builds,
+# as in CI, do not fill the disk.
+docker image prune --force --filter label=org.expertflow.image >/dev/null
 step "done: $image, $redis_image"

@@ -2,6 +2,7 @@
 # Debian's redis-server, so no registry is needed.
 ARG BASE=expertflow-base:bookworm
 FROM ${BASE}
+LABEL org.expertflow.image=redis
 RUN set -eux; \
     apt-get update; \
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; \

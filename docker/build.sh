@@ -50,6 +50,9 @@ fi
 docker info >/dev/null 2>&1 || die "no Docker engine answers (docker info failed); start dockerd first"
 
 mkdir -p "$cache/context/deps" "$cache/context/project"
+# one build at a time per cache: two would rewrite the same wheelhouse and build context under each other
+exec 9>"$cache/.lock"
+flock -n 9 || { step "waiting for another build.sh using $cache"; flock 9; }
 
 # --- 1. the wheelhouse -------------------------------------------------------------------------------------
 # The image's Python is Debian bookworm's 3.11 on glibc 2.36, whatever the host is: ask pip for exactly that.
@@ -90,7 +93,15 @@ esac
 # the wheel byte-identical for identical sources, so Docker reuses its layer when nothing changed.
 src=$(mktemp -d)
 trap 'rm -rf "$src"' EXIT
-(cd "$repo" && cp -r pyproject.toml README.md expertflow expert_store orchestrator predictor traces training "$src/")
+packages=$("$PYTHON" - "$repo/pyproject.toml" <<'EOF'
+import sys, tomllib
+# the top-level package directories pyproject's packages.find includes ("expertflow*" -> expertflow)
+include = tomllib.load(open(sys.argv[1], "rb"))["tool"]["setuptools"]["packages"]["find"]["include"]
+print(" ".join(sorted({p.split(".")[0].rstrip("*") for p in include})))
+EOF
+)
+# shellcheck disable=SC2086  # $packages: plain directory names, one word each
+(cd "$repo" && cp -r pyproject.toml README.md $packages "$src/")
 find "$src" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
 rm -rf "$src/traces/data" "$src/training/results"  # not packages: data the wheel never holds
 rm -f "$cache/context/project/"*.whl

@@ -119,7 +119,8 @@ def start_order(services: dict[str, Service], names: list[str]) -> list[str]:
 
 
 def available_subcommands() -> set[str]:
-    """The subcommands this checkout's `expertflow` has."""
+    """The subcommands this checkout's `expertflow` has (read from its parser: argparse keeps them in a private
+    attribute, and asking `expertflow --help` would cost a process that imports torch)."""
     from expertflow.cli import _parser
 
     (sub,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]

@@ -30,8 +30,6 @@ from expertflow.services.config import ServicesConfig
 
 pytestmark = pytest.mark.docker
 
-IMAGE = os.environ.get("EXPERTFLOW_IMAGE", "expertflow:latest")
-REDIS_IMAGE = os.environ.get("EXPERTFLOW_REDIS_IMAGE", "expertflow-redis:latest")
 PROMPT = "def read_config(path):"
 
 
@@ -44,15 +42,17 @@ def engine_problem() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def images():
-    """docker/build.sh's images, built (or found in Docker's cache) once per session."""
+def images() -> tuple[str, str]:
+    """docker/build.sh's images (services, redis), built (or found in Docker's cache) once per session; their
+    names as build.sh and compose.yaml read them."""
     problem = engine_problem()
     if problem is not None:
         pytest.skip(problem)
     done = subprocess.run(["bash", str(REPO / "docker/build.sh")], env={**os.environ, "PYTHON": sys.executable},
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, f"docker/build.sh failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return IMAGE, REDIS_IMAGE
+    return (os.environ.get("EXPERTFLOW_IMAGE", "expertflow:latest"),
+            os.environ.get("EXPERTFLOW_REDIS_IMAGE", "expertflow-redis:latest"))  # fmt: skip
 
 
 def compose_command() -> list[str]:

@@ -2,15 +2,16 @@
 # Build the ExpertFlow images without a container registry:
 #   1. a wheelhouse on the host: `pip download` of the dependencies (Linux x86_64, CPython 3.11) and
 #      expertflow's own wheel; pip never runs against an index inside a container (no CA, no proxy there);
-#   2. the base image expertflow-base:bookworm, from debootstrap, when no other BASE is given;
+#   2. the base: the standard python:3.11-slim-bookworm where Docker has it or can pull it, else
+#      expertflow-base:bookworm made here with debootstrap (no registry needed), unless --base names one;
 #   3. the images: expertflow:latest (every service) and expertflow-redis:latest (and expertflow:latest-deps,
 #      the dependencies' stage, kept as the build cache).
 # Each step is cached (the wheelhouse and the base's root file system under EXPERTFLOW_DOCKER_CACHE, the layers
 # in Docker), so a re-run after a code change rebuilds only expertflow's own layer.
 #
 # Usage: bash docker/build.sh [--base IMAGE]
-#   --base IMAGE   build FROM this image instead of the local Debian base, e.g. python:3.11-slim-bookworm
-#                  where a registry is reachable (it must be Debian bookworm-like with Python 3.11 or none)
+#   --base IMAGE   build FROM this image (Debian bookworm-like, with Python 3.11 or none); `local`: the
+#                  debootstrap base even where a registry is reachable
 # Environment (all optional):
 #   EXPERTFLOW_BASE          the same as --base
 #   EXPERTFLOW_TORCH         the torch requirement (default torch==2.13.0: here the CPU build from the local
@@ -23,8 +24,9 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
-base=${EXPERTFLOW_BASE:-expertflow-base:bookworm}
+base=${EXPERTFLOW_BASE:-}
 local_base=expertflow-base:bookworm
+standard_base=python:3.11-slim-bookworm
 torch_req=${EXPERTFLOW_TORCH:-torch==2.13.0}
 image=${EXPERTFLOW_IMAGE:-expertflow:latest}
 redis_image=${EXPERTFLOW_REDIS_IMAGE:-expertflow-redis:latest}
@@ -111,6 +113,16 @@ rm -f "$src.log"
 step "expertflow wheel: $(cd "$cache/context/project" && ls)"
 
 # --- 2. the base image ---------------------------------------------------------------------------------------
+if [ -z "$base" ]; then  # a registry answers or not: a failed pull takes a fraction of a second without one
+  if docker image inspect "$standard_base" >/dev/null 2>&1 || timeout 300 docker pull -q "$standard_base" >/dev/null 2>&1; then
+    base=$standard_base
+  else
+    step "base: $standard_base cannot be pulled (no registry reachable); the local Debian base instead"
+    base=$local_base
+  fi
+elif [ "$base" = local ]; then
+  base=$local_base
+fi
 if [ "$base" = "$local_base" ] && ! docker image inspect "$local_base" >/dev/null 2>&1; then
   rootfs=$cache/base-bookworm.tar
   if [ ! -s "$rootfs" ]; then

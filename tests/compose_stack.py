@@ -179,6 +179,8 @@ class LocalStack:
             here = f"127.0.0.1:{free_port()}"
             self.local[(name, _port(listen))] = here
             config = config.override(section, listen=here).override("metrics", **{section: free_port()})
+        assert config.metrics.host == "0.0.0.0", "[metrics] host: in a container a scraper needs 0.0.0.0"
+        config = config.override("metrics", host="127.0.0.1")
         self.config = rewire(config, services, self.names, self.local)
         self.config_file = workdir / "expertflow.toml"
         self.config_file.write_text(self.config.to_toml())

@@ -23,7 +23,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from compose_stack import COMPOSE_FILE, REPO, available_subcommands, free_port, load_compose
+from compose_stack import COMPOSE_FILE, REPO, free_port, load_compose
 from expertflow.services.client import InferenceClient
 from expertflow.services.common import wait_for_server
 from expertflow.services.config import ServicesConfig
@@ -125,27 +125,10 @@ def test_compose_stack_answers_through_grpc_and_http(images, tmp_path):
     worker_port, api_port = free_port(), free_port()
     env = {"EXPERTFLOW_IMAGE": images[0], "EXPERTFLOW_REDIS_IMAGE": images[1],
            "EXPERTFLOW_WORKER_PORT": str(worker_port), "EXPERTFLOW_API_PORT": str(api_port)}  # fmt: skip
-    missing = {s.subcommand for s in services.values() if s.subcommand} - available_subcommands()
-    overrides: tuple[Path, ...] = ()
-    if missing:
-        # Before the expert-store, predictor and orchestrator branches land: the worker keeps its experts and plans
-        # in process (config), in its own IPC namespace (override), and only the services that exist start
-        # (--no-deps: not the missing ones they depend on).
-        config = ServicesConfig.load(services["gpu-worker"].config_file).override("worker", store="", orchestrator="")
-        path = tmp_path / "expertflow.toml"
-        path.write_text(config.to_toml())
-        path.chmod(0o644)  # the services run as their own user in the containers
-        env["EXPERTFLOW_CONFIG"] = str(path)
-        overrides = (tmp_path / "no-store.yaml",)
-        overrides[0].write_text("services:\n  gpu-worker:\n    ipc: private\n")
-        names = [n for n, s in services.items() if s.subcommand not in missing]
-        up = ["up", "-d", "--no-deps", *names]
-    else:
-        names = list(services)
-        up = ["up", "-d"]
-    stack = Compose(env, overrides)
+    names = list(services)
+    stack = Compose(env)
     try:
-        stack.run(*up)
+        stack.run("up", "-d")
         stack.wait_healthy(names)
         assert stack.run("exec", "-T", "redis", "redis-cli", "ping").stdout.strip() == "PONG"
         with InferenceClient(f"127.0.0.1:{worker_port}", timeout_s=120) as client:
@@ -156,6 +139,17 @@ def test_compose_stack_answers_through_grpc_and_http(images, tmp_path):
         done = http.completions.create(model="expertflow-coarse-8x2", prompt=PROMPT, max_tokens=16)
         assert done.choices[0].text == direct.text
         assert direct.token_ids == embedded_ids(PROMPT, 16)  # the containers compute what this checkout computes
+        # every service's Prometheus endpoint answers on the compose network ([metrics] host in the config), and
+        # the worker's experts came from the store's shared memory
+        scrape = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
+        ports = ServicesConfig.load(services["gpu-worker"].config_file).metrics
+        for service, port in [("gpu-worker", ports.worker), ("expert-store", ports.expert_store),
+                              ("predictor", ports.predictor), ("orchestrator", ports.orchestrator), ("api", ports.api)]:
+            text = stack.run("exec", "-T", "api", "python", "-c", scrape, f"http://{service}:{port}/metrics").stdout
+            assert "# TYPE" in text, service
+            if service == "gpu-worker":
+                moved = [line for line in text.splitlines() if line.startswith('expertflow_expert_bytes_total{tier="host"}')]
+                assert moved and float(moved[0].split()[-1]) > 0, text
     except BaseException:
         print(stack.logs())
         raise

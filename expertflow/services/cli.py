@@ -123,7 +123,7 @@ def _worker(args: argparse.Namespace) -> int:
     log = setup_logging("worker")
     loaded = load_model(config)
     try:
-        registry = start_metrics(config.metrics.worker)
+        registry = start_metrics(config.metrics.worker, config.metrics.host)
         worker = Worker(loaded, config.worker, registry, log).start()
         server = GrpcServer(
             "worker",
@@ -149,7 +149,7 @@ def _api(args: argparse.Namespace) -> int:
         config = config.override("metrics", api=args.metrics_port)
     log = setup_logging("api")
     model_dir = Path(config.model.dir) if config.model.dir else default_model_dir()
-    registry = start_metrics(config.metrics.api)
+    registry = start_metrics(config.metrics.api, config.metrics.host)
     server = ApiServer(config.api.listen, config.api.worker, model_dir, registry, log, config.worker.max_new_tokens)
     server.start()
     log.info("serving", extra={"address": server.address, "worker": config.api.worker})

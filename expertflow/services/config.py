@@ -7,7 +7,8 @@
     [predictor]      listen
     [orchestrator]   listen, predictor (address; empty: in process)
     [api]            listen (the OpenAI-compatible HTTP endpoint), worker (address)
-    [metrics]        each service's Prometheus port: worker, expert_store, predictor, orchestrator, api
+    [metrics]        each service's Prometheus port: worker, expert_store, predictor, orchestrator, api; host (where
+                     they bind: loopback by default)
 
 TOML (tomllib); every key optional. Addresses are host:port, loopback by default. `expertflow serve --config
 FILE` starts all services from it; each `expertflow <service>` takes the same file plus flags that override it.
@@ -74,8 +75,9 @@ class ApiConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """Prometheus ports (0: no endpoint)."""
+    """Prometheus ports (0: no endpoint), on `host`."""
 
+    host: str = "127.0.0.1"  # the address every service's /metrics binds (0.0.0.0 in containers, for a scraper)
     worker: int = 9101
     expert_store: int = 9102
     predictor: int = 9103

@@ -86,7 +86,7 @@ def _predictor(args: argparse.Namespace, config) -> None:
     # What can be refused is refused before the process's logging becomes the service's (setup_logging hands its
     # handler to the same logger the servicer was given).
     log = logging.getLogger("expertflow.predictor")
-    servicer = PredictorServicer(learned_factory(predictor_dir), start_metrics(config.metrics.predictor), log)
+    servicer = PredictorServicer(learned_factory(predictor_dir), start_metrics(config.metrics.predictor, config.metrics.host), log)
     setup_logging("predictor", args.log_level)
     log.info("loaded", extra={"model": str(model or default_model_dir()), "predictor": str(predictor_dir)})
     serve(servicer, config.predictor.listen, log)
@@ -103,7 +103,7 @@ def _orchestrator(args: argparse.Namespace, config) -> None:
         predictor_timeout_ms=args.predictor_timeout_ms,
     )
     log = logging.getLogger("expertflow.orchestrator")
-    servicer = OrchestratorServicer(options, start_metrics(config.metrics.orchestrator), log)
+    servicer = OrchestratorServicer(options, start_metrics(config.metrics.orchestrator, config.metrics.host), log)
     endpoint = PlansEndpoint(servicer, config.orchestrator.listen.rsplit(":", 1)[0], args.plans_port)
     setup_logging("orchestrator", args.log_level)
     log.info("planning", extra={"policy": options.policy, "predictor": options.predictor_address})

@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
     _check_listen(listen, "--listen")
     setup_logging("expert-store")  # JSON lines on stderr, through this module's `log`
     try:
-        registry = start_metrics(config.metrics.expert_store)
+        registry = start_metrics(config.metrics.expert_store, config.metrics.host)
     except OSError as e:
         raise ValueError(f"--metrics-port {config.metrics.expert_store}: cannot serve metrics there ({e})") from None
     t0 = time.perf_counter()

@@ -65,8 +65,9 @@ class _Finished(StagedRead):
         return self._tier
 
 
-class _Pending(StagedRead):
-    """A read running on a reader thread; `seconds` is set there when it finishes."""
+class ThreadedRead(StagedRead):
+    """A read running on a reader thread (any store's: a file, a remote fetch); `seconds` is set there when it
+    finishes."""
 
     def __init__(self, read: Callable[[], Tier], readers: ThreadPoolExecutor) -> None:
         self._future: Future[Tier] = readers.submit(self._timed, read)
@@ -187,7 +188,7 @@ class LocalExpertStore(ExpertStore):
     def stage(self, key: ExpertKey, out: torch.Tensor) -> StagedRead:
         if self.host_view(key) is not None or self._readers is None:
             return _Finished(self.read_into(key, out))
-        return _Pending(lambda: self.read_into(key, out), self._readers)
+        return ThreadedRead(lambda: self.read_into(key, out), self._readers)
 
     def _check(self, key: ExpertKey) -> None:
         if key not in self._names:

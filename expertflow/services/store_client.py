@@ -26,7 +26,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -35,7 +35,7 @@ import torch
 
 from expert_store.keys import ExpertKey
 from expert_store.layout import ExpertLayout
-from expert_store.store import ExpertStore, StagedRead, Tier
+from expert_store.store import ExpertStore, StagedRead, ThreadedRead, Tier
 from expertflow.services import store_wire
 from expertflow.services.store_wire import (
     MAX_MESSAGE_BYTES,
@@ -57,26 +57,6 @@ _PERMANENT = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.
 
 class StoreFetchError(IOError):
     """An expert the store did not deliver intact: which, from where, and what went wrong last."""
-
-
-class _Fetching(StagedRead):
-    """A Fetch running on a reader thread; `seconds` is set there when it ends."""
-
-    def __init__(self, read: Callable[[], Tier], readers: ThreadPoolExecutor) -> None:
-        self._future: Future[Tier] = readers.submit(self._timed, read)
-
-    def _timed(self, read: Callable[[], Tier]) -> Tier:
-        t0 = time.perf_counter()
-        try:
-            return read()
-        finally:
-            self.seconds = time.perf_counter() - t0
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def wait(self) -> Tier:
-        return self._future.result()
 
 
 @dataclass
@@ -297,7 +277,7 @@ class RemoteExpertStore(ExpertStore):
     def stage(self, key: ExpertKey, out: torch.Tensor) -> StagedRead:
         if self.host_view(key) is not None or self._readers is None:
             return super().stage(key, out)
-        return _Fetching(lambda: self._fetch(key, out), self._readers)
+        return ThreadedRead(lambda: self._fetch(key, out), self._readers)
 
     def _check(self, key: ExpertKey) -> None:
         if key not in self._tiers:

@@ -375,7 +375,10 @@ def test_malformed_messages_get_invalid_argument_with_the_reason(fixed_services)
         RemotePrefetcher(fixed_services.address, ExpertSpace.of(range(4), 16, 2))
 
     # over ZMQ a malformed event is answered empty (the worker counts answers) and the next one is planned
+    with grpc.insecure_channel(fixed_services.address) as channel:  # the plans port admits GetInfo's ticket
+        ticket = orchestrator_pb2_grpc.OrchestratorStub(channel).GetInfo(setup()).plans_ticket
     with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.setsockopt(zmq.IDENTITY, ticket.encode())
         sock.connect(f"tcp://127.0.0.1:{fixed_services.servicer.plans_port}")
         bad = orchestrator_pb2.PrefetchEvent(begin_step=orchestrator_pb2.BeginStepRequest(step=1, view=short))
         fine = orchestrator_pb2.PrefetchEvent(

@@ -5,7 +5,8 @@
     expertflow predictor | orchestrator [--config FILE] ...                          (control_cli.py)
     expertflow worker [--config FILE] [model flags] [--listen] [--store] [--orchestrator] ...
     expertflow api    [--config FILE] [--listen] [--worker]  the OpenAI-compatible HTTP endpoint
-    expertflow ask PROMPT [--address] [sampling flags]   stream a completion from a worker
+    expertflow ask PROMPT [--address] [--config FILE] [--token-file F] [--tls-ca F] [sampling flags]
+                                                          stream a completion from a worker
 
 Every service reads the same config file (config.py); flags override it. Each runs until SIGTERM / SIGINT
 and then stops gracefully.
@@ -65,7 +66,12 @@ def add_subcommands(sub) -> None:
 
     ask = sub.add_parser("ask", help="stream a completion from a running worker")
     ask.add_argument("prompt", help="the prompt text")
-    ask.add_argument("--address", default=ServicesConfig().worker.listen, help="the worker's inference API")
+    ask.add_argument("--address", help="the worker's inference API (default: [worker] listen of --config, else "
+                     f"{ServicesConfig().worker.listen})")
+    ask.add_argument("--config", type=Path, help="the services' config: the worker's address and [security]")
+    ask.add_argument("--token-file", help="a file whose first line is the services' token (over the config's; "
+                     "no --token flag: a command line is visible to every user of the machine)")
+    ask.add_argument("--tls-ca", help="the CA that signed the worker's certificate: dial with TLS")
     ask.add_argument("--max-new-tokens", type=int, default=64)
     ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ask.add_argument("--top-p", type=float, default=1.0)
@@ -106,6 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from expertflow.services.common import GrpcServer, run_until_stopped, setup_logging, start_metrics
+    from expertflow.services.security import Security
     from expertflow.services.worker import Worker, load_model
     from expertflow.v1 import inference_pb2_grpc
 
@@ -120,8 +127,10 @@ def _worker(args: argparse.Namespace) -> int:
     )
     if args.metrics_port is not None:
         config = config.override("metrics", worker=args.metrics_port)
+    security = Security.load(config.security)
+    security.check_listen(config.worker.listen, "--listen")  # before the model loads
     log = setup_logging("worker")
-    loaded = load_model(config)
+    loaded = load_model(config, security)
     try:
         registry = start_metrics(config.metrics.worker, config.metrics.host)
         worker = Worker(loaded, config.worker, registry, log).start()
@@ -131,6 +140,7 @@ def _worker(args: argparse.Namespace) -> int:
             [(inference_pb2_grpc.add_InferenceServicer_to_server, worker)],
             ["expertflow.v1.Inference"],
             max_workers=config.worker.max_queue + 8,
+            security=security,
         )
         run_until_stopped(server, log, drain=worker.stop)
     finally:
@@ -142,17 +152,21 @@ def _api(args: argparse.Namespace) -> int:
     from expertflow.default_model import default_model_dir
     from expertflow.services.common import setup_logging, start_metrics, wait_for_signal
     from expertflow.services.http_api import ApiServer
+    from expertflow.services.security import Security
 
     config = ServicesConfig.load(args.config).override("api", listen=args.listen, worker=args.worker)
     config = config.override("model", dir=args.model)
     if args.metrics_port is not None:
         config = config.override("metrics", api=args.metrics_port)
+    security = Security.load(config.security)
     log = setup_logging("api")
     model_dir = Path(config.model.dir) if config.model.dir else default_model_dir()
     registry = start_metrics(config.metrics.api, config.metrics.host)
-    server = ApiServer(config.api.listen, config.api.worker, model_dir, registry, log, config.worker.max_new_tokens)
+    server = ApiServer(
+        config.api.listen, config.api.worker, model_dir, registry, log, config.worker.max_new_tokens, security
+    )
     server.start()
-    log.info("serving", extra={"address": server.address, "worker": config.api.worker})
+    log.info("serving", extra={"address": f"{server.scheme}://{server.address}", "worker": config.api.worker})
     try:
         wait_for_signal(log)
     finally:
@@ -163,8 +177,15 @@ def _api(args: argparse.Namespace) -> int:
 
 def _ask(args: argparse.Namespace) -> int:
     from expertflow.services.client import InferenceClient, InferenceError
+    from expertflow.services.security import Security
 
-    with InferenceClient(args.address, timeout_s=args.timeout) as client:
+    config = ServicesConfig.load(args.config)
+    if args.token_file:  # the flag's token replaces the config's, whichever key held it
+        config = config.override("security", token_file=args.token_file, token="")
+    config = config.override("security", tls_ca=args.tls_ca)
+    security = Security.load(config.security)
+    address = args.address or config.worker.listen
+    with InferenceClient(address, timeout_s=args.timeout, security=security) as client:
         try:
             reason = ""
             for piece in client.stream(
@@ -179,7 +200,7 @@ def _ask(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
                 reason = piece.finish_reason or reason
         except InferenceError as e:
-            print(f"\nexpertflow: error: {e.message} ({e.code.name.lower()} from {args.address})", file=sys.stderr)
+            print(f"\nexpertflow: error: {e.message} ({e.code.name.lower()} from {address})", file=sys.stderr)
             return 2
     print()
     print(f"[{reason}]", file=sys.stderr)

@@ -6,7 +6,8 @@
         done = client.complete([1, 415, 2936], max_new_tokens=8)     # token ids in, Completion out
 
 Errors come back as `InferenceError` with the server's status and message (INVALID_ARGUMENT for a bad request,
-UNAVAILABLE when no worker answers).
+UNAVAILABLE when no worker answers, UNAUTHENTICATED without the worker's token). `security` (security.py) gives
+the TLS and token a secured worker wants.
 
 Not for: serving (worker.py) or HTTP (http_api.py speaks OpenAI's protocol and uses this client).
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from expertflow.services.security import Security, open_channel
 from expertflow.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -39,10 +41,11 @@ class Completion:
 
 
 class InferenceClient:
-    def __init__(self, address: str, timeout_s: float | None = None) -> None:
+    def __init__(self, address: str, timeout_s: float | None = None, security: Security | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address)
+        self.security = security or Security()
+        self._channel = open_channel(address, self.security)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
 
     def __enter__(self) -> InferenceClient:
@@ -86,7 +89,7 @@ class InferenceClient:
         try:
             yield from calls
         except grpc.RpcError as e:
-            raise InferenceError(e.code(), e.details()) from None
+            raise self._error(e) from None
         finally:
             calls.cancel()  # a consumer that stops early frees the server's slot
 
@@ -107,10 +110,13 @@ class InferenceClient:
         try:
             return self._stub.Cancel(inference_pb2.CancelRequest(request_id=request_id), timeout=10).found
         except grpc.RpcError as e:
-            raise InferenceError(e.code(), e.details()) from None
+            raise self._error(e) from None
+
+    def _error(self, e: grpc.RpcError) -> InferenceError:
+        return InferenceError(e.code(), f"{e.details()}{self.security.hint(e)}")
 
     def model_info(self) -> inference_pb2.ModelInfo:
         try:
             return self._stub.GetModelInfo(inference_pb2.ModelInfoRequest(), timeout=self.timeout_s or 30)
         except grpc.RpcError as e:
-            raise InferenceError(e.code(), e.details()) from None
+            raise self._error(e) from None

@@ -1,7 +1,8 @@
 """What every service process does alike: a gRPC server with health checking and reflection, a Prometheus
 endpoint, structured logs, and a clean stop on SIGTERM / SIGINT.
 
-    server = GrpcServer("expert-store", listen, [(add_ExpertStoreServicer_to_server, servicer)], ...)
+    server = GrpcServer("expert-store", listen, [(add_ExpertStoreServicer_to_server, servicer)], ...,
+                        security=Security.load(config.security))   # TLS and the token check (security.py)
     registry = start_metrics(port)          # prometheus_client, one registry per process
     run_until_stopped(server, on_stop=...)  # blocks; SIGTERM/SIGINT stop it gracefully
 
@@ -23,6 +24,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
+
+from expertflow.services.security import Security, open_channel
 
 
 class JsonFormatter(logging.Formatter):
@@ -67,7 +70,8 @@ def start_metrics(port: int, host: str = "127.0.0.1") -> CollectorRegistry:
 
 class GrpcServer:
     """A gRPC server for `servicers` (pairs of generated add_*_to_server and servicer) on `listen`, with the
-    standard health service (SERVING once started, NOT_SERVING while stopping) and reflection."""
+    standard health service (SERVING once started, NOT_SERVING while stopping) and reflection, secured as
+    `security` says (None: plaintext without a token, loopback only)."""
 
     def __init__(
         self,
@@ -76,8 +80,11 @@ class GrpcServer:
         servicers: Iterable[tuple[Callable, object]],
         service_names: Iterable[str],
         max_workers: int = 16,
+        security: Security | None = None,
     ) -> None:
         self.name = name
+        security = security or Security()
+        security.check_listen(listen, f"{name}: listen")
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{name}-rpc"),
             options=[
@@ -85,6 +92,7 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", 64 << 20),
                 ("grpc.so_reuseport", 0),  # else a second server binds a port in use and they share its calls
             ],
+            interceptors=security.interceptors(),
         )
         for add, servicer in servicers:
             add(servicer, self.server)
@@ -94,7 +102,11 @@ class GrpcServer:
         reflection.enable_server_reflection(
             self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(listen)
+        credentials = security.server_credentials()
+        if credentials is None:
+            self.port = self.server.add_insecure_port(listen)
+        else:
+            self.port = self.server.add_secure_port(listen, credentials)
         if self.port == 0:
             raise OSError(f"{name}: cannot listen on {listen}")
         self.address = f"{listen.rsplit(':', 1)[0]}:{self.port}"
@@ -150,18 +162,24 @@ def run_until_stopped(
         log.info("stopped")
 
 
-def wait_for_server(address: str, timeout_s: float = 30.0, service: str = "") -> None:
-    """Block until the gRPC server at `address` reports SERVING (health check), or raise TimeoutError."""
+def wait_for_server(
+    address: str, timeout_s: float = 30.0, service: str = "", security: Security | None = None
+) -> None:
+    """Block until the gRPC server at `address` reports SERVING (health check), or raise TimeoutError with the
+    last reason."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    security = security or Security()
+    last = "no answer"
+    with open_channel(address, security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
-            except grpc.RpcError:
-                pass
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as e:
+                last = security.explain(e)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no gRPC server serving at {address} after {timeout_s:.0f} s")
+                raise TimeoutError(f"no gRPC server serving at {address} after {timeout_s:.0f} s ({last})")
             time.sleep(0.1)

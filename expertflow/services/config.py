@@ -9,6 +9,9 @@
     [api]            listen (the OpenAI-compatible HTTP endpoint), worker (address)
     [metrics]        each service's Prometheus port: worker, expert_store, predictor, orchestrator, api; host (where
                      they bind: loopback by default)
+    [security]       token or token_file (a shared secret every call carries), tls_cert / tls_key (a server's own),
+                     tls_ca (verifies servers, and clients where require_client_cert), client_cert / client_key (what
+                     a client presents), require_client_cert, allow_insecure (see SecurityConfig and security.py)
 
 TOML (tomllib); every key optional. Addresses are host:port, loopback by default. `expertflow serve --config
 FILE` starts all services from it; each `expertflow <service>` takes the same file plus flags that override it.
@@ -86,6 +89,27 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """Who may call the services, over what. Nothing set: plaintext and no token, which `security.py` allows only on
+    loopback addresses (a service listening on any other refuses to start unless `allow_insecure`).
+
+    The token: `token_file` (its first line; the secret stays out of the config, e.g. a compose secret) or
+    `token` (in the file itself), not both; a client's --token-file flag overrides either. TLS is on for servers
+    when tls_cert is set, for clients when tls_cert or tls_ca is (tls_ca empty: the system's roots). Every process
+    of a deployment reads the same section, so one file makes both ends agree. Paths are read at start."""
+
+    token: str = ""
+    token_file: str = ""
+    tls_cert: str = ""  # PEM certificate chain this process serves with (it must name every host clients dial)
+    tls_key: str = ""  # its PEM private key
+    tls_ca: str = ""  # PEM CA bundle: verifies the servers this process calls, and clients' certificates
+    client_cert: str = ""  # PEM certificate this process presents when it calls a service (mutual TLS)
+    client_key: str = ""
+    require_client_cert: bool = False  # servers refuse a TLS handshake without a certificate tls_ca signed
+    allow_insecure: bool = False  # listen on a non-loopback address with neither TLS nor token (a private network)
+
+
+@dataclass(frozen=True)
 class ServicesConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -94,6 +118,7 @@ class ServicesConfig:
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     @classmethod
     def load(cls, path: str | Path | None) -> ServicesConfig:

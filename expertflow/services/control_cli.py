@@ -77,8 +77,11 @@ def _predictor(args: argparse.Namespace, config) -> None:
     from expertflow.default_model import default_model_dir, default_predictor
     from expertflow.services.common import setup_logging, start_metrics
     from expertflow.services.predictor_server import PredictorServicer, learned_factory, serve
+    from expertflow.services.security import Security
 
     config = config.override("predictor", listen=args.listen).override("metrics", predictor=args.metrics_port)
+    security = Security.load(config.security)
+    security.check_listen(config.predictor.listen, "--listen")
     model = args.model or (Path(config.model.dir) if config.model.dir else None)
     predictor_dir = args.predictor or (Path(config.model.predictor) if config.model.predictor else None)
     if predictor_dir is None:
@@ -89,22 +92,27 @@ def _predictor(args: argparse.Namespace, config) -> None:
     servicer = PredictorServicer(learned_factory(predictor_dir), start_metrics(config.metrics.predictor, config.metrics.host), log)
     setup_logging("predictor", args.log_level)
     log.info("loaded", extra={"model": str(model or default_model_dir()), "predictor": str(predictor_dir)})
-    serve(servicer, config.predictor.listen, log)
+    serve(servicer, config.predictor.listen, log, security)
 
 
 def _orchestrator(args: argparse.Namespace, config) -> None:
     from expertflow.services.common import setup_logging, start_metrics
     from expertflow.services.orchestrator_server import OrchestratorOptions, OrchestratorServicer, PlansEndpoint, serve
+    from expertflow.services.security import Security
 
     config = config.override("orchestrator", listen=args.listen).override("metrics", orchestrator=args.metrics_port)
+    security = Security.load(config.security)
+    security.check_listen(config.orchestrator.listen, "--listen")
     options = OrchestratorOptions(
         policy=args.policy or config.model.policy,
         predictor_address=args.predictor_address or config.predictor.listen,
         predictor_timeout_ms=args.predictor_timeout_ms,
+        security=security,
     )
     log = logging.getLogger("expertflow.orchestrator")
     servicer = OrchestratorServicer(options, start_metrics(config.metrics.orchestrator, config.metrics.host), log)
-    endpoint = PlansEndpoint(servicer, config.orchestrator.listen.rsplit(":", 1)[0], args.plans_port)
+    host = config.orchestrator.listen.rsplit(":", 1)[0]
+    endpoint = PlansEndpoint(servicer, host, args.plans_port, curve=security.serves_tls)
     setup_logging("orchestrator", args.log_level)
     log.info("planning", extra={"policy": options.policy, "predictor": options.predictor_address})
-    serve(servicer, endpoint, config.orchestrator.listen, log)
+    serve(servicer, endpoint, config.orchestrator.listen, log, security)

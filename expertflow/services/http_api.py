@@ -12,6 +12,12 @@ server cannot honour, is a 400 with OpenAI's error shape naming the parameter; e
 their meaning (400 for a bad request, 503 when no worker answers, 429 when its queue is full). A client that
 disconnects mid-stream cancels its request.
 
+Security ([security], security.py): with a token, every route but /health wants `Authorization: Bearer <token>`
+(an OpenAI client's api_key is exactly that) and answers 401 with OpenAI's error shape (code
+"invalid_api_key") otherwise; with tls_cert, the endpoint is HTTPS only (the stdlib ssl module, the same
+certificate and client-certificate rule as the gRPC services); the gRPC client to the worker uses the same
+section.
+
 Not for: generation (the worker does it, through services/client.py) or gRPC clients (they call the worker).
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -31,6 +38,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from expertflow.services.client import InferenceClient, InferenceError
+from expertflow.services.security import Security
 
 _FIELDS_COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream",
                   "n", "user", "stream_options"}  # fmt: skip
@@ -112,8 +120,22 @@ def parse_request(path: str, body: dict[str, Any], max_tokens_default: int) -> t
     return messages, args
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, log: logging.Logger) -> None:
+        super().__init__(address, handler)
+        self.log = log
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection that failed before a request (a TLS handshake refused, a client gone): one debug line,
+        not socketserver's traceback on stderr."""
+        self.log.debug("connection failed", extra={"client": client_address[0], "why": repr(sys.exc_info()[1])})
+
+
 class ApiServer:
-    """Serves the endpoint on `listen` until `stop()`; one InferenceClient to the worker for all requests."""
+    """Serves the endpoint on `listen` until `stop()`; one InferenceClient to the worker for all requests;
+    `security` as the module says (None: plain HTTP, no token, loopback only)."""
 
     def __init__(
         self,
@@ -123,8 +145,11 @@ class ApiServer:
         registry: CollectorRegistry,
         log: logging.Logger,
         max_tokens_default: int = 256,
+        security: Security | None = None,
     ) -> None:
-        self.client = InferenceClient(worker, timeout_s=600)
+        self.security = security or Security()
+        self.security.check_listen(listen, "[api] listen")
+        self.client = InferenceClient(worker, timeout_s=600, security=self.security)
         self.template = ChatTemplate(model_dir)
         self.log, self.max_tokens_default = log, max_tokens_default
         self._model_name: str | None = None
@@ -145,8 +170,13 @@ class ApiServer:
             def do_POST(self) -> None:
                 api.handle(self, "POST")
 
-        self.httpd = ThreadingHTTPServer((host, int(port)), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((host, int(port)), Handler, log)
+        context = self.security.http_context()
+        if context is not None:
+            # the handshake happens in the request's thread, at its first read: a slow or hostile client cannot
+            # hold up the accepting thread
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
+        self.scheme = "https" if context is not None else "http"
         self.address = f"{host}:{self.httpd.server_address[1]}"
         self._thread: threading.Thread | None = None
 
@@ -168,7 +198,12 @@ class ApiServer:
         t0 = time.perf_counter()
         status = HTTPStatus.OK
         try:
-            if method == "GET" and route == "/v1/models":
+            problem = None if route == "/health" else self.security.bearer_problem(h.headers.get("Authorization"))
+            if problem is not None:  # before the body is read: the connection closes after the answer
+                status = HTTPStatus.UNAUTHORIZED
+                h.close_connection = True
+                self._error(h, status, problem, "invalid_request_error", code="invalid_api_key")
+            elif method == "GET" and route == "/v1/models":
                 self._json(h, {"object": "list", "data": [self._model_card()]})
             elif method == "GET" and route == "/health":
                 self.client.model_info()
@@ -281,14 +316,24 @@ class ApiServer:
         return body
 
     @staticmethod
-    def _json(h: BaseHTTPRequestHandler, data: dict[str, Any], status: HTTPStatus = HTTPStatus.OK) -> None:
+    def _json(
+        h: BaseHTTPRequestHandler,
+        data: dict[str, Any],
+        status: HTTPStatus = HTTPStatus.OK,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         payload = json.dumps(data).encode()
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(payload)))
+        for key, value in (headers or {}).items():
+            h.send_header(key, value)
         h.end_headers()
         h.wfile.write(payload)
 
-    def _error(self, h, status: HTTPStatus, message: str, kind: str, param: str | None = None) -> None:
-        error = {"message": message, "type": kind, "param": param, "code": None}
-        self._json(h, {"error": error}, status)
+    def _error(
+        self, h, status: HTTPStatus, message: str, kind: str, param: str | None = None, code: str | None = None
+    ) -> None:
+        error = {"message": message, "type": kind, "param": param, "code": code}
+        headers = {"WWW-Authenticate": "Bearer", "Connection": "close"} if status == HTTPStatus.UNAUTHORIZED else {}
+        self._json(h, {"error": error}, status, headers)

@@ -15,6 +15,7 @@ Not for: any service's work (each runs its own module) or deployment across host
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from expertflow.services.common import wait_for_server
 from expertflow.services.config import ServicesConfig
+from expertflow.services.security import Security
 
 
 @dataclass(frozen=True)
@@ -91,10 +93,15 @@ class Launcher:
         self.config, self.log = config, log
         self.grace_s, self.start_timeout_s = grace_s, start_timeout_s
         self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
-        self._dir = tempfile.TemporaryDirectory(prefix="expertflow-serve-")
-        self.config_file = Path(self._dir.name) / "expertflow.toml"
-        self.config_file.write_text(config.to_toml())
+        self.security = Security.load(config.security)  # a bad [security] fails here, before any service starts
         self.specs = services(config, names)
+        for spec in self.specs:  # each service would refuse it too, but only after the ones before it started
+            self.security.check_listen(spec.address, f"{spec.name}: listen")
+        self._dir = tempfile.TemporaryDirectory(prefix="expertflow-serve-")  # mode 0700
+        self.config_file = Path(self._dir.name) / "expertflow.toml"
+        # 0600 as well: a [security] token may be in it
+        with open(os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(config.to_toml())
         self.processes: list[tuple[ServiceSpec, subprocess.Popen]] = []
         self._stop = threading.Event()
 
@@ -117,7 +124,7 @@ class Launcher:
                 raise RuntimeError(f"{spec.name} exited with code {process.returncode} while starting")
             try:
                 if spec.grpc:
-                    wait_for_server(spec.address, timeout_s=2.0)
+                    wait_for_server(spec.address, timeout_s=2.0, security=self.security)
                 else:
                     _wait_tcp(spec.address, timeout_s=2.0)
                 return

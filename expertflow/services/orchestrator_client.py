@@ -37,6 +37,12 @@ that want it.
 The socket belongs to one I/O thread (ZMQ sockets are not thread-safe): the engine's calls hand it their
 events through a queue and an inproc wake-up socket, and the events are encoded there, off the engine's thread.
 
+Security (`security`, security.py): the gRPC calls carry the token and use TLS as configured; the DEALER's routing
+id is the ticket GetInfo issued for this connection (each reconnect asks for a new one), and where GetInfo gives
+a CURVE key the DEALER encrypts with it. A worker that uses TLS refuses an orchestrator that offers no CURVE key
+rather than send its plans in the clear (orchestrator_server.py says why this, not the gRPC stream). A refused
+token, like a refused setup, raises ValueError at construction.
+
 Not for: planning (the orchestrator service), or executing plans (the device cache).
 """
 
@@ -61,6 +67,7 @@ from expert_store.keys import ExpertSpace
 from expert_store.plan import CacheView, Plan
 from expertflow.services import convert
 from expertflow.services.orchestrator_server import WORKER_KEY
+from expertflow.services.security import Security, open_channel
 from expertflow.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.policies import CachePolicy
 from orchestrator.prefetcher import LayerRoutes, Prefetcher, StepRequest
@@ -110,11 +117,14 @@ class RemotePrefetcher(Prefetcher):
         connect_timeout_s: float = 2.0,
         worker_id: str | None = None,
         log: logging.Logger | None = None,
+        security: Security | None = None,
     ) -> None:
         """`address`: the orchestrator's gRPC host:port; `policy`: the one to plan with (empty: its default);
         `max_backlog`: events the orchestrator may be behind before new ones are dropped (its plans would come
-        too late to matter, and the queue would only grow)."""
+        too late to matter, and the queue would only grow); `security`: the TLS and token the orchestrator
+        wants (None: plaintext, no token)."""
         self.address = address
+        self.security = security or Security()
         self.shape = space.shape
         self.setup = orchestrator_pb2.PrefetchSetup(
             moe_layers=space.n_layers, experts=space.n_experts, top_k=space.top_k, policy=policy
@@ -128,7 +138,7 @@ class RemotePrefetcher(Prefetcher):
         self.log = log or logging.getLogger("expertflow.orchestrator-client")
         self.stats = RemoteStats()
         self._metadata = ((WORKER_KEY, self.worker_id),)
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._channel = open_channel(address, self.security, _CHANNEL_OPTIONS)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
         self._cond = threading.Condition()
         self._link: _Link | None = None  # the open connection
@@ -250,20 +260,27 @@ class RemotePrefetcher(Prefetcher):
         try:
             info = self._stub.GetInfo(self.setup, timeout=self.connect_timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
-            why = f"{e.code().name}: {e.details()}"
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                if refusal_raises:
-                    raise ValueError(f"orchestrator at {self.address}: {e.details()}") from None
-                self._lost(why, logging.ERROR)
-            else:
-                self._lost(why)
+            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED):
+                return self._refused(e.details(), refusal_raises)
+            self._lost(self.security.explain(e))
             return None
-        if not info.plans_port:
-            self._lost("the orchestrator serves no ZMQ plans port", logging.ERROR)
+        if not info.plans_port or not info.plans_ticket:
+            self._lost("the orchestrator serves no ZMQ plans port (or issues no ticket for it)", logging.ERROR)
             return None
+        if self.security.tls and not info.plans_curve_key:
+            why = (
+                "it offers its plans port unencrypted (no CURVE key) while this worker uses TLS: "
+                "give both the same [security]"
+            )
+            return self._refused(why, refusal_raises)
         self.name = info.policy
         self.wants_speculation = info.wants_speculation
         return info
+
+    def _refused(self, why: str, raises: bool) -> None:
+        if raises:
+            raise ValueError(f"orchestrator at {self.address}: {why}")
+        self._lost(why, logging.ERROR)
 
     def _lost(self, why: str, level: int = logging.WARNING) -> None:
         if not self._outage:
@@ -325,7 +342,11 @@ class RemotePrefetcher(Prefetcher):
         """A DEALER connected to the orchestrator's plans port, with its setup sent; (None, None) if it cannot."""
         host = self.address.rsplit(":", 1)[0]
         dealer = self._ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        dealer.setsockopt(zmq.IDENTITY, info.plans_ticket.encode())  # the port admits this connection by it
+        if info.plans_curve_key:
+            public, secret = zmq.curve_keypair()  # the client's half is anyone's: the ticket says who it is
+            dealer.curve_secretkey, dealer.curve_publickey = secret, public
+            dealer.curve_serverkey = info.plans_curve_key.encode()
         dealer.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a peer that is not there: sends fail at once
         dealer.setsockopt(zmq.LINGER, 0)
         if host.startswith("["):

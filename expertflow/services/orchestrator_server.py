@@ -19,6 +19,17 @@ latest [L, E] prediction its session holds for each (ExpertFlow.prediction; no p
 Malformed messages (shapes, indices, unknown or unservable policies) are answered INVALID_ARGUMENT with the
 reason on gRPC; a ZMQ peer gets an empty answer and the reason is logged once per peer.
 
+Who may use the ZMQ plans port: the gRPC calls are guarded by security.py (TLS, the token); the plans port
+guards itself with what those give. GetInfo issues a ticket (`PlanTickets`: a random secret, good for one
+connection, within `ttl_s`), and a worker's DEALER uses it as its routing id. ZMQ stamps every message with the
+routing id of the connection it came on, so the ROUTER checks each message's sender without a byte more on the
+wire: a peer whose id is not a redeemed ticket is ignored (never answered, counted, logged once a minute); the
+answers go only to the ticket's connection. So with a token set, a peer that cannot call GetInfo can neither
+inject events nor read plans. Where the orchestrator uses TLS (across hosts), the port also speaks CURVE, its
+public key sent in GetInfo (over TLS, so a worker knows it is the orchestrator's): events, plans and the ticket
+are encrypted, at a few microseconds per message (the gRPC Plans stream, TLS-encrypted already, stays for
+clients that prefer it, at four times the latency: orchestrator_client.py).
+
 Not for: the planning logic (orchestrator/), predicting (the predictor service), or the worker's side
 (orchestrator_client.py).
 """
@@ -26,6 +37,7 @@ Not for: the planning logic (orchestrator/), predicting (the predictor service),
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Iterable
@@ -42,6 +54,7 @@ from expert_store.eviction import NextUse
 from expertflow.services import convert
 from expertflow.services.common import GrpcServer, run_until_stopped
 from expertflow.services.predictor_client import RemoteSessions
+from expertflow.services.security import Security
 from expertflow.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.expertflow import ExpertFlow
 from orchestrator.policies import PolicyInputs, PolicyUnavailable, make_policy
@@ -60,6 +73,7 @@ class OrchestratorOptions:
     predictor_address: str | None = None  # the predictor service, for the policies that predict
     predictor_timeout_ms: float = 100.0  # deadline of each predictor call; past it, that call predicts nothing
     predictor_retry_s: float = 1.0  # how long a session asks the predictor nothing after it failed
+    security: Security | None = None  # how to call the predictor service (None: plaintext, no token)
 
 
 class PrefetchSession:
@@ -82,6 +96,7 @@ class PrefetchSession:
                 *self.shape,
                 timeout_ms=options.predictor_timeout_ms,
                 retry_s=options.predictor_retry_s,
+                security=options.security,
             )
         try:
             # speculation: the worker's engine computes next-layer gate speculation when the prefetcher wants it
@@ -170,11 +185,41 @@ def _prefetcher(name: str, inputs: PolicyInputs) -> Prefetcher:
     return policy.prefetcher
 
 
+class PlanTickets:
+    """Admissions to the ZMQ plans port: `issue` gives a random ticket for a worker (GetInfo does), `redeem` takes
+    it back once (the port, on a connection's first message) and says whose it was. Tickets not redeemed within
+    `ttl_s` lapse; at most `max_pending` wait at once (the oldest lapse first)."""
+
+    def __init__(self, ttl_s: float = 60.0, max_pending: int = 1024) -> None:
+        self.ttl_s, self.max_pending = ttl_s, max_pending
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[str, float]] = {}  # ticket -> (worker id, issued at), oldest first
+
+    def issue(self, worker: str) -> str:
+        ticket = secrets.token_hex(16)
+        now = time.monotonic()
+        with self._lock:
+            self._pending = {t: e for t, e in self._pending.items() if now - e[1] < self.ttl_s}
+            while len(self._pending) >= self.max_pending:
+                del self._pending[next(iter(self._pending))]
+            self._pending[ticket] = (worker, now)
+        return ticket
+
+    def redeem(self, ticket: str) -> str | None:
+        """The worker the ticket was issued to, if it is pending (it no longer is); else None."""
+        with self._lock:
+            entry = self._pending.pop(ticket, None)
+        if entry is None or time.monotonic() - entry[1] >= self.ttl_s:
+            return None
+        return entry[0]
+
+
 class _Peer:
     """One worker connection: its id and (once it has a setup or a view) its session."""
 
     def __init__(self, worker: str) -> None:
         self.worker = worker
+        self.setup: orchestrator_pb2.PrefetchSetup | None = None  # the last one it sent (ZMQ)
         self.session: PrefetchSession | None = None
         self.refused: str | None = None  # why its setup was refused (ZMQ)
         self.complaint: str | None = None  # the last reason logged for it (ZMQ: each reason once)
@@ -190,6 +235,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         self.options = options
         self.log = log or logging.getLogger("expertflow.orchestrator")
         self.plans_port = 0  # set once a PlansEndpoint listens
+        self.plans_curve_key = ""  # the PlansEndpoint's CURVE public key, where it encrypts
+        self.tickets = PlanTickets()
         # Refuse a default that can never run (unknown, needing training traces, without a predictor) up front.
         PrefetchSession(orchestrator_pb2.PrefetchSetup(moe_layers=1, experts=2, top_k=1), options).close()
         self._lock = threading.Lock()
@@ -197,6 +244,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         self._shared: PrefetchSession | None = None  # the unary calls'
         self._shared_lock = threading.Lock()
         registry = registry or CollectorRegistry()
+        self.registry = registry  # the PlansEndpoint's metrics go here too
         self._events = Counter("expertflow_orchestrator_events", "Prefetch events handled", ["kind"], registry=registry)
         self._seconds = Histogram(
             "expertflow_orchestrator_event_seconds",
@@ -258,6 +306,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         kind = event.WhichOneof("event")
         if kind == "setup":
             self.open_session(peer, event.setup)
+            peer.setup = event.setup
             return None
         if kind == "finish":
             if peer.session is not None:
@@ -266,10 +315,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             return None
         if kind is None:
             raise convert.MessageError("an event with none of setup, begin_step, after_layer, finish set")
-        if peer.session is None:
-            view = getattr(event, kind).view
-            shape = convert.view_shape(view)
-            self.open_session(peer, orchestrator_pb2.PrefetchSetup(moe_layers=shape[0], experts=shape[1], top_k=1))
+        if peer.session is None:  # no setup sent, or its session closed while idle
+            if peer.setup is not None:
+                self.open_session(peer, peer.setup)
+            else:
+                shape = convert.view_shape(getattr(event, kind).view)
+                setup = orchestrator_pb2.PrefetchSetup(moe_layers=shape[0], experts=shape[1], top_k=1)
+                self.open_session(peer, setup)
         return self.plan_event(peer.session, event)
 
     def plan_event(
@@ -319,6 +371,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         if mismatch is not None:
             self._refuse(context, mismatch)
         info.plans_port = self.plans_port
+        if self.plans_port:
+            worker = dict(context.invocation_metadata()).get(WORKER_KEY) or f"zmq-{context.peer()}"
+            info.plans_ticket = self.tickets.issue(worker)
+            info.plans_curve_key = self.plans_curve_key
         return info
 
     def Plans(self, request_iterator, context):
@@ -398,16 +454,31 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
 class PlansEndpoint:
     """The Plans exchange over ZMQ: a ROUTER on `host` (port 0: any free one, `port` says which) that hands each
-    peer's events to the servicer in order and sends back the answers. One thread serves every peer in turn;
-    a peer silent for `idle_s` is dropped (a worker that died without its closing empty frame)."""
+    ticketed peer's events to the servicer in order and sends back the answers (the module says who is let in).
+    One thread serves every peer in turn; the session of a peer silent for `idle_s` is closed (a worker that died
+    without its closing empty frame), and opened again should it speak. `curve`: encrypt (ZMQ CURVE), for an
+    orchestrator that uses TLS."""
 
-    def __init__(self, servicer: OrchestratorServicer, host: str = "127.0.0.1", port: int = 0, idle_s: float = 600.0):
+    def __init__(
+        self,
+        servicer: OrchestratorServicer,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        idle_s: float = 600.0,
+        curve: bool = False,
+    ):
         self.servicer = servicer
         self.idle_s = idle_s
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a worker that reconnects under its id takes its place
+        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a worker that reconnects under its ticket takes its place
+        self.curve_key = ""
+        if curve:  # a key pair per process: workers learn the public half from GetInfo
+            public, secret = zmq.curve_keypair()
+            self._sock.curve_secretkey, self._sock.curve_publickey = secret, public
+            self._sock.curve_server = True
+            self.curve_key = public.decode()
         # ZMQ binds interfaces by address, not by host name
         bind_host = {"": "*", "0.0.0.0": "*", "[::]": "*", "::": "*", "localhost": "127.0.0.1"}.get(host, host)
         if bind_host.startswith("["):
@@ -422,11 +493,18 @@ class PlansEndpoint:
             self._sock.close()
             self._ctx.term()
             raise OSError(f"orchestrator: cannot listen for plans on {bind_host}:{port} ({e})") from None
-        self._peers: dict[bytes, _Peer] = {}
+        self._peers: dict[bytes, _Peer] = {}  # by routing id: redeemed tickets
+        self._refused_logged_at = -60.0
+        self._refused = Counter(
+            "expertflow_orchestrator_refused_messages",
+            "ZMQ messages from peers without a ticket from GetInfo, ignored",
+            registry=servicer.registry,
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="orchestrator-plans", daemon=True)
 
     def start(self) -> PlansEndpoint:
+        self.servicer.plans_curve_key = self.curve_key
         self.servicer.plans_port = self.port
         self._thread.start()
         return self
@@ -455,9 +533,9 @@ class PlansEndpoint:
                 now = time.monotonic()
                 if now - swept > min(self.idle_s, 10.0):
                     swept = now
-                    idle = [i for i, p in self._peers.items() if p.session and now - p.session.seen > self.idle_s]
-                    for ident in idle:
-                        self.servicer.close_session(self._peers.pop(ident))
+                    # the peer stays: its ticket was spent, and a worker idle this long may yet speak again
+                    for peer in [p for p in self._peers.values() if p.session and now - p.session.seen > self.idle_s]:
+                        self.servicer.close_session(peer)
         finally:
             for peer in self._peers.values():
                 self.servicer.close_session(peer)
@@ -466,12 +544,15 @@ class PlansEndpoint:
 
     def _receive(self, ident: bytes, payload: bytes) -> None:
         peer = self._peers.get(ident)
-        if not payload:  # the worker closed
-            if peer is not None:
-                self.servicer.close_session(self._peers.pop(ident))
-            return
         if peer is None:
-            peer = self._peers[ident] = _Peer(ident.decode(errors="replace"))
+            worker = self.servicer.tickets.redeem(ident.decode(errors="replace"))
+            if worker is None:
+                self._refuse()
+                return
+            peer = self._peers[ident] = _Peer(worker)
+        if not payload:  # the worker closed: its ticket is spent
+            self.servicer.close_session(self._peers.pop(ident))
+            return
         try:
             event = orchestrator_pb2.PrefetchEvent.FromString(payload)
         except DecodeError as e:
@@ -495,6 +576,13 @@ class PlansEndpoint:
         if answer is not None:
             self._sock.send_multipart([ident, answer.SerializeToString()])
 
+    def _refuse(self) -> None:
+        self._refused.inc()
+        now = time.monotonic()
+        if now - self._refused_logged_at >= 60.0:  # a flood is logged once a minute, counted always
+            self._refused_logged_at = now
+            self.servicer.log.warning("ignored messages on the plans port from a peer without a ticket from GetInfo")
+
     def _complain(self, peer: _Peer, why: str) -> None:
         self.servicer._invalid.inc()
         if peer.complaint != why:  # once per reason, not once per event
@@ -502,11 +590,17 @@ class PlansEndpoint:
             self.servicer.log.warning("refused a worker's event", extra={"worker": peer.worker, "why": why})
 
 
-def serve(servicer: OrchestratorServicer, endpoint: PlansEndpoint, listen: str, log: logging.Logger) -> None:
+def serve(
+    servicer: OrchestratorServicer,
+    endpoint: PlansEndpoint,
+    listen: str,
+    log: logging.Logger,
+    security: Security | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT."""
-    server = make_server(servicer, listen)
+    server = make_server(servicer, listen, security)
     endpoint.start()
-    log.info("plans over zmq", extra={"port": endpoint.port})
+    log.info("plans over zmq", extra={"port": endpoint.port, "curve": bool(endpoint.curve_key)})
 
     def stop() -> None:
         endpoint.stop()
@@ -515,7 +609,6 @@ def serve(servicer: OrchestratorServicer, endpoint: PlansEndpoint, listen: str, 
     run_until_stopped(server, log, on_stop=stop)
 
 
-def make_server(servicer: OrchestratorServicer, listen: str) -> GrpcServer:
-    return GrpcServer(
-        "orchestrator", listen, [(orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, servicer)], [SERVICE_NAME]
-    )
+def make_server(servicer: OrchestratorServicer, listen: str, security: Security | None = None) -> GrpcServer:
+    add = orchestrator_pb2_grpc.add_OrchestratorServicer_to_server
+    return GrpcServer("orchestrator", listen, [(add, servicer)], [SERVICE_NAME], security=security)

@@ -29,6 +29,7 @@ import numpy as np
 
 from expertflow.services import convert
 from expertflow.services.predictor_server import CLIENT_KEY
+from expertflow.services.security import Security, open_channel
 from expertflow.v1 import common_pb2, predictor_pb2, predictor_pb2_grpc
 from orchestrator.prefetcher import LayerRoutes
 from predictor.base import RequestId, SessionPredictor
@@ -47,8 +48,11 @@ class RemoteSessions(SessionPredictor):
         retry_s: float = 1.0,
         max_slow_calls: int = 3,
         log: logging.Logger | None = None,
+        security: Security | None = None,
     ) -> None:
+        """`security`: the TLS and token the service wants (security.py; None: plaintext, no token)."""
         self.address = address
+        self.security = security
         self.n_layers, self.n_experts = n_layers, n_experts
         self.label = "remote"
         self.timeout_s = timeout_ms / 1e3
@@ -154,7 +158,7 @@ class RemoteSessions(SessionPredictor):
         # A fresh channel for each check: one that failed may sit in gRPC's reconnect backoff for up to minutes.
         if self._channel is not None:
             self._channel.close()
-        self._channel = grpc.insecure_channel(self.address)
+        self._channel = open_channel(self.address, self.security)
         self._stub = predictor_pb2_grpc.PredictorStub(self._channel)
 
     def _answered(self) -> None:

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from expertflow.services import convert
 from expertflow.services.common import GrpcServer, run_until_stopped
+from expertflow.services.security import Security
 from expertflow.v1 import common_pb2, predictor_pb2, predictor_pb2_grpc
 from predictor.base import RequestId, SessionPredictor
 
@@ -153,15 +154,14 @@ def learned_factory(predictor_dir: Path) -> Callable[[], SessionPredictor]:
     return LearnedPredictor.load(predictor_dir, OnlineConfig()).sessions
 
 
-def make_server(servicer: PredictorServicer, listen: str) -> GrpcServer:
-    return GrpcServer(
-        "predictor", listen, [(predictor_pb2_grpc.add_PredictorServicer_to_server, servicer)], [SERVICE_NAME]
-    )
+def make_server(servicer: PredictorServicer, listen: str, security: Security | None = None) -> GrpcServer:
+    add = predictor_pb2_grpc.add_PredictorServicer_to_server
+    return GrpcServer("predictor", listen, [(add, servicer)], [SERVICE_NAME], security=security)
 
 
-def serve(servicer: PredictorServicer, listen: str, log: logging.Logger) -> None:
+def serve(servicer: PredictorServicer, listen: str, log: logging.Logger, security: Security | None = None) -> None:
     """Serve until SIGTERM or SIGINT."""
-    server = make_server(servicer, listen)
+    server = make_server(servicer, listen, security)
     log.info(
         "predictor ready",
         extra={"label": servicer.label, "moe_layers": servicer.n_layers, "experts": servicer.n_experts},

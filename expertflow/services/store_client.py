@@ -37,6 +37,7 @@ from expert_store.keys import ExpertKey
 from expert_store.layout import ExpertLayout
 from expert_store.store import ExpertStore, StagedRead, ThreadedRead, Tier
 from expertflow.services import store_wire
+from expertflow.services.security import Security, open_channel
 from expertflow.services.store_wire import (
     MAX_MESSAGE_BYTES,
     BadStream,
@@ -81,7 +82,8 @@ class RemoteExpertStore(ExpertStore):
 
     `timeout_s` bounds each control call (and the wait for a store still starting), `fetch_timeout_s` each
     expert's stream; `retries` more attempts follow a failed fetch; `host_id` None is this host's
-    (store_wire.host_id); any other value makes this client fetch everything, as a client on another host."""
+    (store_wire.host_id); any other value makes this client fetch everything, as a client on another host;
+    `security` the TLS and token the store wants (security.py; None: plaintext, no token)."""
 
     def __init__(
         self,
@@ -94,6 +96,7 @@ class RemoteExpertStore(ExpertStore):
         readers: int = 2,
         chunk_bytes: int = 0,
         host_id: str | None = None,
+        security: Security | None = None,
     ) -> None:
         if retries < 0 or readers < 1 or timeout_s <= 0 or fetch_timeout_s <= 0:
             raise ValueError("retries >= 0, readers >= 1 and positive timeouts, please")
@@ -108,8 +111,10 @@ class RemoteExpertStore(ExpertStore):
         self._mappings: list[_Mapping] = []
         self._views: dict[ExpertKey, torch.Tensor] = {}
         self._readers: ThreadPoolExecutor | None = None
-        self._channel = grpc.insecure_channel(
+        self._security = security or Security()
+        self._channel = open_channel(
             address,
+            self._security,
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", 1 << 20)],
         )
         try:
@@ -141,7 +146,7 @@ class RemoteExpertStore(ExpertStore):
         try:
             return getattr(self._stub, name)(request, timeout=self._timeout_s, wait_for_ready=wait_for_ready)
         except grpc.RpcError as e:
-            problem = f"{e.code().name}: {e.details()}"
+            problem = self._security.explain(e)
             raise ConnectionError(f"expert store at {self.address}: {name} failed: {problem}") from None
 
     def _describe(self, wire: pb.Layout) -> None:

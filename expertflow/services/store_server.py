@@ -46,6 +46,7 @@ from expert_store.layout import ExpertLayout, ExpertTensorNames
 from expert_store.store import LocalExpertStore, Tier
 from expertflow.services.common import GrpcServer, run_until_stopped, setup_logging, start_metrics
 from expertflow.services.config import ServicesConfig
+from expertflow.services.security import Security
 from expertflow.services.store_wire import (
     DEFAULT_CHUNK_BYTES,
     chunk_size_error,
@@ -328,6 +329,8 @@ def run(args: argparse.Namespace) -> int:
     served = ServedModel.open(directory, config.model.host_budget, _dtype(config))
     listen = config.expert_store.listen
     _check_listen(listen, "--listen")
+    security = Security.load(config.security)
+    security.check_listen(listen, "--listen")  # before minutes of loading, as the address itself
     setup_logging("expert-store")  # JSON lines on stderr, through this module's `log`
     try:
         registry = start_metrics(config.metrics.expert_store, config.metrics.host)
@@ -339,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
         servicer = ExpertStoreServicer(served, store, registry)
         try:
             add = expert_store_pb2_grpc.add_ExpertStoreServicer_to_server
-            server = GrpcServer("expert-store", listen, [(add, servicer)], [SERVICE_NAME])
+            server = GrpcServer("expert-store", listen, [(add, servicer)], [SERVICE_NAME], security=security)
         except (OSError, RuntimeError) as e:  # taken since the check
             raise ValueError(f"--listen {listen}: cannot listen there ({e})") from None
         stats = servicer.stats()

@@ -34,6 +34,7 @@ from expertflow.batching import BatchEngine, Running, StepReport
 from expertflow.loader import LoadedModel
 from expertflow.requests import RequestError, SamplingParams
 from expertflow.services.config import ServicesConfig, WorkerConfig
+from expertflow.services.security import Security
 from expertflow.tokenizer import IncrementalText, TextCodec
 from expertflow.v1 import inference_pb2, inference_pb2_grpc
 
@@ -342,15 +343,17 @@ class Worker(inference_pb2_grpc.InferenceServicer):
         self.loop.stop()
 
 
-def load_model(config: ServicesConfig) -> LoadedModel:
+def load_model(config: ServicesConfig, security: Security | None = None) -> LoadedModel:
     """The worker's model as [model] says: its experts from the expert-store service when [worker] store is
     set (else an in-process store), its prefetches from the orchestrator when [worker] orchestrator is set
     (else planned in process, with the model's predictor for the expertflow policy). A policy that prefetches
-    nothing (lru, ondemand) runs in process either way."""
+    nothing (lru, ondemand) runs in process either way. Both services are called as `security` says (None:
+    as [security] does)."""
     from expertflow.default_model import default_model_dir
     from expertflow.loader import LoadOptions, load, policy_inputs
 
     m = config.model
+    security = security or Security.load(config.security)
     directory = Path(m.dir) if m.dir else default_model_dir()
     device = m.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -367,7 +370,8 @@ def load_model(config: ServicesConfig) -> LoadedModel:
     if config.worker.orchestrator and m.policy not in ("lru", "ondemand"):  # planned by the orchestrator service
         from expertflow.services.orchestrator_client import remote_policy
 
-        factory = remote_policy(config.worker.orchestrator, m.policy, wait_ms=config.worker.plan_timeout_ms)
+        wait_ms = config.worker.plan_timeout_ms
+        factory = remote_policy(config.worker.orchestrator, m.policy, wait_ms=wait_ms, security=security)
     options = LoadOptions(
         device=device,
         dtype=dtypes.get(m.dtype),
@@ -381,7 +385,7 @@ def load_model(config: ServicesConfig) -> LoadedModel:
         return load(directory, options)
     from expertflow.services.store_client import RemoteExpertStore
 
-    store = RemoteExpertStore(config.worker.store, device)
+    store = RemoteExpertStore(config.worker.store, device, security=security)
     try:
         loaded = load(directory, options, store=store)
     except BaseException:

@@ -20,16 +20,20 @@ class PrefetchSetup(_message.Message):
     def __init__(self, moe_layers: _Optional[int] = ..., experts: _Optional[int] = ..., top_k: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class OrchestratorInfo(_message.Message):
-    __slots__ = ("policy", "wants_speculation", "predictor", "plans_port")
+    __slots__ = ("policy", "wants_speculation", "predictor", "plans_port", "plans_ticket", "plans_curve_key")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     WANTS_SPECULATION_FIELD_NUMBER: _ClassVar[int]
     PREDICTOR_FIELD_NUMBER: _ClassVar[int]
     PLANS_PORT_FIELD_NUMBER: _ClassVar[int]
+    PLANS_TICKET_FIELD_NUMBER: _ClassVar[int]
+    PLANS_CURVE_KEY_FIELD_NUMBER: _ClassVar[int]
     policy: str
     wants_speculation: bool
     predictor: str
     plans_port: int
-    def __init__(self, policy: _Optional[str] = ..., wants_speculation: _Optional[bool] = ..., predictor: _Optional[str] = ..., plans_port: _Optional[int] = ...) -> None: ...
+    plans_ticket: str
+    plans_curve_key: str
+    def __init__(self, policy: _Optional[str] = ..., wants_speculation: _Optional[bool] = ..., predictor: _Optional[str] = ..., plans_port: _Optional[int] = ..., plans_ticket: _Optional[str] = ..., plans_curve_key: _Optional[str] = ...) -> None: ...
 
 class InFlight(_message.Message):
     __slots__ = ("key", "eta_ms", "started")

@@ -200,9 +200,12 @@ class LocalStack:
         """The service's declared healthcheck, its python and its container address mapped to here."""
         s = self.services[name]
         assert s.healthcheck, f"{name}: no healthcheck in compose.yaml"
+        config = s.command[s.command.index("--config") + 1]
         out = []
         for arg in s.healthcheck:
-            if arg == "python":
+            if arg == config:  # the mounted config ([security]: how to connect)
+                arg = str(self.config_file)
+            elif arg == "python":
                 arg = sys.executable
             elif re.fullmatch(r"(127\.0\.0\.1|localhost):\d+", arg):
                 assert (name, _port(arg)) in self.local, f"{name}: the healthcheck asks {arg}, not the listen port"

@@ -42,7 +42,7 @@ from expertflow.v1 import expert_store_pb2_grpc, orchestrator_pb2, orchestrator_
 from expertflow.v1 import predictor_pb2_grpc
 from orchestrator.prefetcher import StepRequest
 from test_orchestrator_service import FixedRoutes, _by_group, _view
-from test_worker_service import free_port
+from test_serve import stack_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -298,23 +298,11 @@ def test_a_bad_security_section_is_a_clear_error(pki, tmp_path, mixtral_dir, cap
 def test_serve_with_tls_client_certificates_and_a_token_end_to_end(pki, tmp_path):
     """`expertflow serve` with mutual TLS and a token: every service-to-service call goes through them, and a
     generate comes through the gRPC client and the HTTPS API; without the token or the CA it is refused."""
-    ports = {name: free_port() for name in ("worker", "store", "predictor", "orchestrator", "api")}
     security = {"token_file": str(pki / "token"), "tls_cert": str(pki / "server.pem"),
                 "tls_key": str(pki / "server.key"), "tls_ca": str(pki / "ca.pem"),
                 "client_cert": str(pki / "client.pem"), "client_key": str(pki / "client.key"),
                 "require_client_cert": True}  # fmt: skip
-    config = ServicesConfig.from_dict(
-        {
-            "model": {"expert_budget": "25%"},
-            "worker": {"listen": f"127.0.0.1:{ports['worker']}", "plan_timeout_ms": 50.0},
-            "expert_store": {"listen": f"127.0.0.1:{ports['store']}"},
-            "predictor": {"listen": f"127.0.0.1:{ports['predictor']}"},
-            "orchestrator": {"listen": f"127.0.0.1:{ports['orchestrator']}"},
-            "api": {"listen": f"127.0.0.1:{ports['api']}"},
-            "metrics": {"worker": 0, "expert_store": 0, "predictor": 0, "orchestrator": 0, "api": 0},
-            "security": security,
-        }
-    )
+    config = stack_config(model={"expert_budget": "25%"}, security=security)
     path = tmp_path / "expertflow.toml"
     path.write_text(config.to_toml())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -330,10 +318,14 @@ def test_serve_with_tls_client_certificates_and_a_token_end_to_end(pki, tmp_path
             with pytest.raises(InferenceError) as e:
                 client.complete("def main():", max_new_tokens=8)
             assert e.value.code is grpc.StatusCode.UNAUTHENTICATED
-        with InferenceClient(config.worker.listen, timeout_s=30, security=Security(token=TOKEN)) as client:
-            with pytest.raises(InferenceError) as e:  # plaintext to the TLS worker
-                client.complete("def main():", max_new_tokens=8)
-            assert e.value.code is grpc.StatusCode.UNAVAILABLE
+        other_ca = _security(pki, tls_ca="other-ca.pem", client_cert="client.pem", client_key="client.key")
+        no_cert = _security(pki, tls_ca="ca.pem")
+        # plaintext, trusting another CA, without a client certificate: refused in the handshake
+        for refused in (Security(token=TOKEN), replace(other_ca, token=TOKEN), replace(no_cert, token=TOKEN)):
+            with InferenceClient(config.worker.listen, timeout_s=30, security=refused) as client:
+                with pytest.raises(InferenceError) as e:
+                    client.complete("def main():", max_new_tokens=8)
+                assert e.value.code is grpc.StatusCode.UNAVAILABLE
 
         https = f"https://{config.api.listen}"
         context = client_security.client_context()

@@ -22,10 +22,10 @@ from expertflow.tokenizer import TextCodec
 from test_worker_service import free_port
 
 
-@pytest.mark.slow
-def test_the_whole_stack_serves_what_the_embedded_mode_generates(tmp_path):
+def stack_config(**sections: dict) -> ServicesConfig:
+    """Every service on a free loopback port, no metrics endpoints, and `sections` on top."""
     ports = {name: free_port() for name in ("worker", "store", "predictor", "orchestrator", "api")}
-    config = ServicesConfig.from_dict(
+    return ServicesConfig.from_dict(
         {
             "worker": {"listen": f"127.0.0.1:{ports['worker']}", "plan_timeout_ms": 50.0},
             "expert_store": {"listen": f"127.0.0.1:{ports['store']}"},
@@ -33,8 +33,14 @@ def test_the_whole_stack_serves_what_the_embedded_mode_generates(tmp_path):
             "orchestrator": {"listen": f"127.0.0.1:{ports['orchestrator']}"},
             "api": {"listen": f"127.0.0.1:{ports['api']}"},
             "metrics": {"worker": 0, "expert_store": 0, "predictor": 0, "orchestrator": 0, "api": 0},
+            **sections,
         }
     )
+
+
+@pytest.mark.slow
+def test_the_whole_stack_serves_what_the_embedded_mode_generates(tmp_path):
+    config = stack_config()
     path = tmp_path / "expertflow.toml"
     path.write_text(config.to_toml())
     serve = subprocess.Popen([sys.executable, "-m", "expertflow.cli", "serve", "--config", str(path)])

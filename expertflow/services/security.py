@@ -79,7 +79,8 @@ def _check_pem(config: SecurityConfig) -> None:
         try:
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=config.tls_ca)
         except ssl.SSLError as e:
-            raise SecurityError(f"[security] tls_ca = {config.tls_ca!r}: not PEM certificates ({e.reason or e})") from None
+            why = e.reason or e
+            raise SecurityError(f"[security] tls_ca = {config.tls_ca!r}: not PEM certificates ({why})") from None
 
 
 @dataclass(frozen=True)

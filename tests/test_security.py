@@ -295,7 +295,7 @@ def test_a_bad_security_section_is_a_clear_error(pki, tmp_path, mixtral_dir, cap
 
 # -- the whole stack -------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_serve_with_tls_client_certificates_and_a_token_end_to_end(pki, tmp_path):
+def test_serve_with_tls_client_certificates_and_a_token_end_to_end(pki, tmp_path, capsys):
     """`expertflow serve` with mutual TLS and a token: every service-to-service call goes through them, and a
     generate comes through the gRPC client and the HTTPS API; without the token or the CA it is refused."""
     security = {"token_file": str(pki / "token"), "tls_cert": str(pki / "server.pem"),
@@ -326,6 +326,13 @@ def test_serve_with_tls_client_certificates_and_a_token_end_to_end(pki, tmp_path
                 with pytest.raises(InferenceError) as e:
                     client.complete("def main():", max_new_tokens=8)
                 assert e.value.code is grpc.StatusCode.UNAVAILABLE
+
+        # `expertflow ask` with the config; with another token file it is refused, saying so
+        ask = ["ask", "def main():", "--address", config.worker.listen, "--config", str(path), "--max-new-tokens", "2"]
+        assert main(ask) == 0
+        (tmp_path / "wrong-token").write_text("f" * 32)
+        assert main([*ask, "--token-file", str(tmp_path / "wrong-token")]) == 2
+        assert "does not match" in capsys.readouterr().err
 
         https = f"https://{config.api.listen}"
         context = client_security.client_context()

@@ -23,6 +23,7 @@ import zmq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from bench.security_cost import make_pki
 from expert_store.keys import ExpertSpace
 from expertflow.cli import main
 from expertflow.services.client import InferenceClient, InferenceError
@@ -49,44 +50,15 @@ TOKEN = "0123456789abcdef0123456789abcdef"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-             "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.pem",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-             cwd=d)  # fmt: skip
-
-
-def _leaf(d: Path, name: str, ca: str, extensions: str) -> None:
-    (d / f"{name}.ext").write_text(
-        f"{extensions}\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-    )
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", f"/CN={name}",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)  # fmt: skip
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-             "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext", cwd=d)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     """ca.pem signs server.pem (SAN 127.0.0.1, localhost) and client.pem; other-ca.pem signs other-client.pem."""
-    d = tmp_path_factory.mktemp("pki")
-    _ca(d, "ca")
-    _ca(d, "other-ca")
-    _leaf(d, "server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")
-    _leaf(d, "client", "ca", "extendedKeyUsage=clientAuth")
-    _leaf(d, "other-client", "other-ca", "extendedKeyUsage=clientAuth")
-    (d / "token").write_text(TOKEN + "\n")
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"), TOKEN)
 
 
-def _security(pki: Path | None = None, **keys) -> Security:
+def _security(pki: Path, **keys) -> Security:
     """Keys of [security]; a file name is taken inside `pki`."""
-    files = {k: str(pki / v) if k not in ("token", "require_client_cert") and pki else v for k, v in keys.items()}
+    files = {k: v if k in ("token", "require_client_cert") else str(pki / v) for k, v in keys.items()}
     return Security.load(SecurityConfig(**files))
 
 

@@ -38,9 +38,14 @@ from expertflow.v1 import expert_store_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# Measured on loopback and across a veth pair (bench/results/fetch_transport_cpu.json, bench/results/README.md).
-DEFAULT_FETCH_CHUNK_BYTES = 1 << 20
-DEFAULT_FETCH_STREAMS = 2
+# Measured on loopback and across a veth pair (bench/results/fetch_transport_cpu.json, bench/results/README.md):
+# 256 KiB x 1 stream was the best cell for the 16.5 MiB (DeepSeek-V2-Lite) expert on both networks (0.53 GB/s
+# loopback, 0.37 veth; 1 MiB x 1: 0.32 and 0.29) and within 15 % of the best for the 336 MiB (Mixtral) one (best
+# 256 KiB x 4: 0.41 and 0.36). On that 2-core machine the fetch is CPU-bound (client + store about 4 CPU s per
+# GB, both on the same cores), so more streams only add contention there; a machine with cores to spare (the
+# H200 run: `python -m bench.fetch_transport --device cuda`) may favour more, and should decide it again.
+DEFAULT_FETCH_CHUNK_BYTES = 256 << 10
+DEFAULT_FETCH_STREAMS = 1
 RANGE_ATTEMPTS = 3  # per range: a corrupt or cut range is fetched again from where it went wrong
 
 _POLY = 0xEDB88320  # crc32's polynomial, bit-reflected

@@ -13,7 +13,9 @@ Two ways to get bytes that are not already in host RAM (`host_view` is None):
                           tier (NVMe, another host) is not a blocking call inside the MoE block
 
 Placement is static: experts fill the host arena in key order until the host budget is spent; the
-rest are served from the NVMe files.
+rest are served from the NVMe files. `source(key)` says where a key's bytes come from as the planner
+sees it (expert_store/plan.py Source: local memory, another node, an NVMe file), so it plans each key
+with that source's measured time.
 
 Not for: the GPU cache, eviction, or prefetch decisions.
 """
@@ -32,6 +34,7 @@ from tqdm import tqdm
 from expert_store.checkpoint import CheckpointFiles
 from expert_store.keys import ExpertKey
 from expert_store.layout import ExpertLayout, ExpertTensorNames
+from expert_store.plan import Source
 from expert_store.tiers import HostArena, NvmeTier
 
 
@@ -96,6 +99,11 @@ class ExpertStore(ABC):
 
     @abstractmethod
     def tier(self, key: ExpertKey) -> Tier: ...
+
+    def source(self, key: ExpertKey) -> Source:
+        """Where the key's bytes come from: LOCAL if they are in host memory here, else this default's NVME (a
+        store that fetches from another node says REMOTE)."""
+        return Source.LOCAL if self.tier(key) is Tier.HOST else Source.NVME
 
     @abstractmethod
     def host_view(self, key: ExpertKey) -> torch.Tensor | None:

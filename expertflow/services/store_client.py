@@ -37,6 +37,7 @@ import torch
 
 from expert_store.keys import ExpertKey
 from expert_store.layout import ExpertLayout
+from expert_store.plan import Source
 from expert_store.store import ExpertStore, StagedRead, ThreadedRead, Tier
 from expertflow.services import store_wire
 from expertflow.services.store_fetch import DEFAULT_FETCH_CHUNK_BYTES, DEFAULT_FETCH_STREAMS, fetch_expert
@@ -116,6 +117,7 @@ class RemoteExpertStore(ExpertStore):
         self._refetches = 0
         self._mappings: list[_Mapping] = []
         self._views: dict[ExpertKey, torch.Tensor] = {}
+        self._same_host = False  # the store runs on this host (set once it says which host it is on)
         self._readers: ThreadPoolExecutor | None = None
         self._ranges: ThreadPoolExecutor | None = None  # the ranges of a fetch after its first, for every reader
         self._channel = grpc.insecure_channel(
@@ -137,6 +139,7 @@ class RemoteExpertStore(ExpertStore):
             attach = self._call("Attach", pb.AttachRequest())
             mine = host_id if host_id is not None else store_wire.host_id()
             self.host_kind = "fetch (the store is on another host)" if attach.host_id != mine else "fetch"
+            self._same_host = attach.host_id == mine
             if attach.host_id == mine and attach.segments:
                 self._map(attach)
             if len(self._views) < len(self._tiers):
@@ -276,6 +279,14 @@ class RemoteExpertStore(ExpertStore):
         """The tier the store holds the expert in (a client on another host fetches host-tier experts too)."""
         self._check(key)
         return self._tiers[key]
+
+    def source(self, key: ExpertKey) -> Source:
+        """LOCAL: mapped from the store's shared memory; fetched: NVME if the store is on this host and reads it from
+        its file, else REMOTE (another host, or this host's store memory that could not be mapped here)."""
+        self._check(key)
+        if key in self._views:
+            return Source.LOCAL
+        return Source.NVME if self._same_host and self._tiers[key] is Tier.NVME else Source.REMOTE
 
     def host_view(self, key: ExpertKey) -> torch.Tensor | None:
         self._check(key)

@@ -121,6 +121,7 @@ class ExpertCache:
             self.shape, lambda layer, e: store.source(ExpertKey(layer, e)) if (layer, e) in own else None
         )
         self._reads = [[0.0, 0] for _ in SOURCES]  # per source: seconds of reads finished this step, count
+        self._one_source = not self._sources.any()  # every key local: the view needs no sources (one link time)
         self.stats = CacheStats()
 
     @property
@@ -135,7 +136,7 @@ class ExpertCache:
     def view(self) -> CacheView:
         self._poll()
         now = self.clock()
-        transfer, source_ms = self.timing.transfer_ms, self.timing.source_ms
+        transfer, source_ms = self.timing.transfer_ms, () if self._one_source else self.timing.source_ms
         per_key = key_ms(self._sources, source_ms)
         in_flight, eta = [], -np.inf
         for key, c in self._copying.items():  # issue order: the copy stream serves them in turn

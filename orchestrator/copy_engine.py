@@ -36,10 +36,12 @@ class _Entry:
 
 
 class CopyEngine:
-    def __init__(self, transfer_ms: float, key_ms: np.ndarray | None = None):
-        """`key_ms`: [L, E] each key's transfer time (None: `transfer_ms` for every key)."""
+    def __init__(self, transfer_ms: float, key_ms: np.ndarray | None = None, by_latest_start: bool = True):
+        """`key_ms`: [L, E] each key's transfer time (None: `transfer_ms` for every key); `by_latest_start` False:
+        serve by deadline alone, as a cache that knows one link time for all keys does."""
         self.transfer_ms = transfer_ms
         self.key_ms = key_ms
+        self.by_latest_start = by_latest_start
         # (not demand, latest start, deadline, seq, key)
         self._heap: list[tuple[bool, float, float, int, ExpertKey]] = []
         self._queued: dict[ExpertKey, _Entry] = {}
@@ -61,7 +63,7 @@ class CopyEngine:
             raise RuntimeError(f"{key} is already being copied")
         entry = _Entry(key, deadline_ms, now_ms, not demand, demand, next(self._seq))
         self._queued[key] = entry
-        heapq.heappush(self._heap, (not demand, deadline_ms - self.transfer(key), deadline_ms, entry.seq, key))
+        heapq.heappush(self._heap, (not demand, self._start_by(key, deadline_ms), deadline_ms, entry.seq, key))
 
     def promote(self, key: ExpertKey) -> None:
         """A queued prefetch is needed now: serve it with the demand loads."""
@@ -69,7 +71,7 @@ class CopyEngine:
         if entry is None or entry.demand:
             return
         entry.demand, entry.seq = True, next(self._seq)
-        heapq.heappush(self._heap, (False, entry.deadline_ms - self.transfer(key), entry.deadline_ms, entry.seq, key))
+        heapq.heappush(self._heap, (False, self._start_by(key, entry.deadline_ms), entry.deadline_ms, entry.seq, key))
 
     def cancel(self, key: ExpertKey) -> bool:
         """Drop a queued transfer; False if it already started (or is unknown)."""
@@ -79,7 +81,7 @@ class CopyEngine:
         """The queued prefetch that would be served last (to give up its slot), if any."""
         entries = [e for e in self._queued.values() if not e.demand and e.key not in exclude]
         return (
-            max(entries, key=lambda e: (e.deadline_ms - self.transfer(e.key), e.deadline_ms, e.seq)).key
+            max(entries, key=lambda e: (self._start_by(e.key, e.deadline_ms), e.deadline_ms, e.seq)).key
             if entries
             else None
         )
@@ -126,6 +128,10 @@ class CopyEngine:
     def transfer(self, key: ExpertKey) -> float:
         """`key`'s time on the queue."""
         return self.transfer_ms if self.key_ms is None else float(self.key_ms[key])
+
+    def _start_by(self, key: ExpertKey, deadline_ms: float) -> float:
+        """The order key: when the transfer must start to land by its deadline (or the deadline itself)."""
+        return deadline_ms - self.transfer(key) if self.by_latest_start else deadline_ms
 
     def _start_next(self) -> bool:
         while self._heap:

@@ -75,6 +75,9 @@ class SimConfig:
     remote: TierLink = TierLink(bandwidth=3e9, latency_ms=0.1)
     nvme: TierLink = TierLink(bandwidth=6e9, latency_ms=0.1)
     placement_seed: int = 0
+    # False: the prefetcher and the queue see one link time for every key (the planner before tiers) while the
+    # copies still take their tier's time; what planning with each key's source buys
+    placement_aware: bool = True
 
     def __post_init__(self) -> None:
         if not (0 <= self.remote_share <= 1 and 0 <= self.nvme_share <= 1 and self.remote_share + self.nvme_share <= 1):
@@ -123,6 +126,7 @@ class SimResult:
     na: str | None = None  # why the policy could not run on this trace
     remote_share: float = 0.0  # of the experts, served by another store node
     nvme_share: float = 0.0  # of the experts, read from NVMe
+    placement_aware: bool = True  # the planner saw each key's source and time (SimConfig.placement_aware)
     tokens: int = 0
     uses: int = 0  # (token, layer, expert) uses
     hits: int = 0  # landed when needed
@@ -181,7 +185,9 @@ class _Replay:
         n_layers = len(trace.info.moe_layers)
         self.sources = config.sources((n_layers, trace.info.n_experts))
         self.source_ms = config.source_ms if self.sources is not None else ()
-        self.engine = CopyEngine(config.transfer_ms, key_ms(self.sources, self.source_ms))
+        self.engine = CopyEngine(
+            config.transfer_ms, key_ms(self.sources, self.source_ms), by_latest_start=config.placement_aware
+        )
         self.n_slots = config.n_slots(trace)
         self.layer_ms = (float(config.layer_ms),) * n_layers
         self.arrived = np.zeros((n_layers, trace.info.n_experts), bool)  # [L, E] landed in a slot
@@ -209,8 +215,8 @@ class _Replay:
             layer_ms=self.layer_ms,
             transfer_ms=self.config.transfer_ms,
             link_busy=self.link_busy,
-            sources=self.sources,
-            source_ms=self.source_ms,
+            sources=self.sources if self.config.placement_aware else None,
+            source_ms=self.source_ms if self.config.placement_aware else (),
         )
 
     def run(self) -> dict:
@@ -379,6 +385,7 @@ def simulate(trace: Trace, policy: CachePolicy, config: SimConfig, label: str = 
         predictor=_predictor_label(policy),
         remote_share=config.remote_share,
         nvme_share=config.nvme_share,
+        placement_aware=config.placement_aware,
     )
     return SimResult(**head, **_Replay(trace, policy, config).run())
 
@@ -410,6 +417,7 @@ def compare(
                     na=str(why),
                     remote_share=config.remote_share,
                     nvme_share=config.nvme_share,
+                    placement_aware=config.placement_aware,
                 )
             )
             continue

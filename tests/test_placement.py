@@ -3,6 +3,8 @@ the stores through the cache's view, the wire and the timing to the planner and 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -72,7 +74,7 @@ def test_one_time_for_every_key_plans_exactly_as_one_link_speed():
     for _ in range(20):
         p = rng.random((4, 6))
         resident = rng.random((4, 6)) < 0.3
-        kw = dict(n_slots=12, layer=int(rng.integers(0, 5)), link_busy=float(rng.random()), transfer_ms=0.3)
+        kw = {"n_slots": 12, "layer": int(rng.integers(0, 5)), "link_busy": float(rng.random()), "transfer_ms": 0.3}
         one = plan(plan_input(p, resident, **kw), LOW)
         per_key = plan(plan_input(p, resident, key_ms=np.full(p.shape, 0.3), **kw), LOW)
         assert one == per_key
@@ -196,3 +198,28 @@ def test_stores_report_ram_shm_file_and_fetched_sources_and_the_cache_shows_them
         finally:
             same_host.close()
             other_host.close()
+
+
+def test_cli_sweeps_remote_shares_aware_and_blind_and_refuses_bad_shares(tmp_path, capsys):
+    from test_orchestrator import random_trace
+
+    from orchestrator.cli import main as cli_main
+
+    path = tmp_path / "t.safetensors"
+    random_trace(3, n_seq=2, length=10).save(path)
+    code = cli_main(
+        ["simulate", "--traces", str(path), "--budget", "0.5", "--policy", "lru", "--expert-bytes", "1000000",
+         "--remote-share", "0,1", "--remote-bandwidth", "1GB/s", "--remote-latency-ms", "0.5", "--placement-blind",
+         "--json"]
+    )  # fmt: skip
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert [(r["remote_share"], r["placement_aware"]) for r in rows] == [(0.0, True), (1.0, True), (1.0, False)]
+    local, remote = rows[0], rows[1]
+    # every copy from the other node: 1.5 ms read + the 1e6 / 55e9 s device copy instead of the copy alone
+    assert remote["misses"] == local["misses"] > 0
+    assert remote["stall_ms"] == pytest.approx(local["stall_ms"] + remote["transfers"] * 1.5)
+    for bad in ("2", "x", "0.6 --nvme-share 0.6"):
+        argv = ["simulate", "--traces", str(path), "--expert-bytes", "1000000", "--remote-share", *bad.split()]
+        assert cli_main(argv) == 2, bad
+        assert "share" in capsys.readouterr().err

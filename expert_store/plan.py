@@ -27,24 +27,35 @@ import numpy as np
 from expert_store.keys import ExpertKey
 
 
-class Source(enum.Enum):
-    """Where a key's bytes come from on their way to the device (`CacheView.sources` holds indexes in SOURCES)."""
+class Source(enum.StrEnum):
+    """Where a key's bytes come from on their way to the device (`CacheView.sources` holds indexes in SOURCES).
+    A store may say it as text: "host", "remote" or "remote:NODE" (which node), "nvme" (`Source.of`)."""
 
-    LOCAL = "local"  # host RAM of this process or shared memory on this host: one device copy
+    LOCAL = "host"  # host RAM of this process or shared memory on this host: one device copy
     REMOTE = "remote"  # another store node: a network fetch into a staging buffer, then the device copy
-    NVME = "nvme"  # a file on this host: a read into a staging buffer, then the device copy
+    NVME = "nvme"  # a file (on the store's host): a read into a staging buffer, then the device copy
+
+    @classmethod
+    def of(cls, value: Source | str) -> Source:
+        """`value` as a Source; "remote:NODE" is REMOTE. Anything else is a clear error."""
+        if isinstance(value, Source):
+            return value
+        try:
+            return cls(value.split(":", 1)[0])
+        except ValueError:
+            raise ValueError(f"expert source {value!r}: one of host, remote, remote:NODE, nvme") from None
 
 
 SOURCES = tuple(Source)  # the order of `CacheView.source_ms` and the codes of `CacheView.sources`
 
 
-def source_codes(shape: tuple[int, int], source_of: Callable[[int, int], Source | None]) -> np.ndarray:
-    """[L, E] uint8 codes (indexes in SOURCES) of `source_of(layer, expert)`, a Source or None (LOCAL)."""
+def source_codes(shape: tuple[int, int], source_of: Callable[[int, int], Source | str | None]) -> np.ndarray:
+    """[L, E] uint8 codes (indexes in SOURCES) of `source_of(layer, expert)`: a Source, its text, or None (LOCAL)."""
     codes = np.zeros(shape, np.uint8)
     for layer in range(shape[0]):
         for expert in range(shape[1]):
             source = source_of(layer, expert)
-            codes[layer, expert] = SOURCES.index(source) if source is not None else 0
+            codes[layer, expert] = SOURCES.index(Source.of(source)) if source is not None else 0
     return codes
 
 

@@ -223,3 +223,15 @@ def test_cli_sweeps_remote_shares_aware_and_blind_and_refuses_bad_shares(tmp_pat
         argv = ["simulate", "--traces", str(path), "--expert-bytes", "1000000", "--remote-share", *bad.split()]
         assert cli_main(argv) == 2, bad
         assert "share" in capsys.readouterr().err
+
+
+def test_a_source_said_as_text_is_read_and_a_wrong_one_refused():
+    assert [Source.of(t) for t in ("host", "remote", "remote:node-2", "nvme")] == [
+        Source.LOCAL,
+        Source.REMOTE,
+        Source.REMOTE,
+        Source.NVME,
+    ]
+    assert Source.of(Source.NVME) is Source.NVME
+    with pytest.raises(ValueError, match="expert source 'disk'"):
+        Source.of("disk")

@@ -235,3 +235,35 @@ def test_a_source_said_as_text_is_read_and_a_wrong_one_refused():
     assert Source.of(Source.NVME) is Source.NVME
     with pytest.raises(ValueError, match="expert source 'disk'"):
         Source.of("disk")
+
+
+def test_the_orchestrator_service_plans_with_each_keys_source_as_in_process():
+    """The view crosses the real gRPC/ZMQ boundary with its sources: the service's plan equals the in-process one, and
+    in each layer the remote expert is fetched before the local one due with it."""
+    from test_orchestrator_service import FixedRoutes, _by_group, _Services
+
+    from expert_store.keys import ExpertSpace
+    from expertflow.services.orchestrator_client import RemotePrefetcher
+    from orchestrator.expertflow import ExpertFlow
+    from orchestrator.prefetcher import StepRequest
+
+    sources = np.zeros((4, 8), np.uint8)
+    sources[:, 1] = REMOTE  # request "a" uses experts 0 (local) and 1 (remote) at every layer
+    view = CacheView(
+        0.0, 8, np.zeros((4, 8), bool), layer_ms=(1.0,) * 4, transfer_ms=0.1, sources=sources, source_ms=(0.1, 0.4, 0.3)
+    )
+    services = _Services("expertflow", lambda: FixedRoutes(4, 8, _by_group))
+    remote = RemotePrefetcher(services.address, ExpertSpace.of(range(4), 8, 2), wait_ms=5000)
+    local = ExpertFlow(FixedRoutes(4, 8, _by_group))
+    try:
+        plans = []
+        for prefetcher in (remote, local):
+            prefetcher.begin_step([StepRequest("a", (5, 6))], view)  # a prompt: nothing predicted yet
+            plans.append(prefetcher.begin_step([StepRequest("a", (7,))], view))
+        assert plans[0] == plans[1] and plans[0].fetch
+        order = [t.key for t in plans[0].fetch]
+        # layer 0 starts now: behind the remote copy (0.4 ms) the local one (0.5) is past its 0.1 ms of lateness
+        assert order == [(0, 1), (1, 1), (1, 0), (2, 1), (2, 0), (3, 1), (3, 0)]
+    finally:
+        remote.close()
+        services.close()

@@ -240,7 +240,7 @@ def best(rows: list[dict] | dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # 16.5 MiB: one DeepSeek-V2-Lite expert (3 x 2048 x 1408 bf16); 336 MiB: one Mixtral-8x7B expert (3 x 4096 x 14336 bf16)
+    # 16.5 MiB: one DeepSeek-V2-Lite expert (3 x 2048 x 1408 bf16); 336 MiB: one Mixtral-8x7B expert (3 x 4096 x 14336)
     parser.add_argument("--expert-mib", default="16.5,336", help="expert sizes in MiB, comma-separated")
     parser.add_argument("--experts", type=int, default=2, help="experts in each checkpoint (fetched in turn)")
     parser.add_argument("--chunks-kib", default="256,1024,4096", help="chunk sizes in KiB, comma-separated")

@@ -23,8 +23,8 @@ Queued prefetches go to the copy stream at most `max_inflight` at a time, so a d
 behind at most that many; the queue moves on at each plan and after each expert `acquire` yields.
 `view()` is the read-only snapshot prefetchers plan with (expert_store/plan.py), with the injected
 clock and times, each key's source (the store's `source()`, fixed at start) and each source's time;
-reads are timed per source for `MeasuredTiming`. A read from a slower tier that fails frees its slot: a prefetch is dropped (loaded on
-demand if used), a demand load raises `ExpertReadError`.
+reads are timed per source for `MeasuredTiming`. A read from a slower tier that fails frees its slot:
+a prefetch is dropped (loaded on demand if used), a demand load raises `ExpertReadError`.
 
 Shape legend: L = MoE layers, E = experts per layer, D = hidden, F = expert FFN size.
 
@@ -163,7 +163,7 @@ class ExpertCache:
         )
 
     def state(self, key: ExpertKey) -> str:
-        """ "landed", "copying", "queued" or "absent" (for tests and reports)."""
+        """"landed", "copying", "queued" or "absent" (for tests and reports)."""
         self._poll()
         if key in self._queued:
             return "queued"

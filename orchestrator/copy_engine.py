@@ -5,9 +5,9 @@ Demand loads (a layer waits on them) go before prefetches; within each class the
 start (deadline less the key's transfer time, as the live cache does; with one time for all keys, earliest
 deadline first), ties in submission order (policies without deadlines pass the submission time, which makes
 their prefetches first in, first out). A transfer from a remote node or NVMe holds the queue for its read and
-its device copy: the conservative side, since live reads run on reader threads beside the copies. A started transfer runs to the end, as a
-copy already on a CUDA stream does; only queued ones can be cancelled. Time only moves when the
-caller advances it.
+its device copy: the conservative side, since live reads run on reader threads beside the copies. A started
+transfer runs to the end, as a copy already on a CUDA stream does; only queued ones can be cancelled. Time only
+moves when the caller advances it.
 
 Not for: deciding what to copy (policies, planner) or the slots (the simulator keeps those).
 """

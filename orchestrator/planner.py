@@ -25,7 +25,8 @@ A pure function of one `PlanInput` (predictions, residency, the copy queue, meas
                   fetched key's deadline
 
 The caller executes a plan in order: cancel, evict, then queue `fetch` behind any demand loads, keeping
-its queue by latest start (deadline less the key's transfer time), as here. Misses at execution time are the caller's (loaded at top priority).
+its queue by latest start (deadline less the key's transfer time), as here. Misses at execution time are
+the caller's (loaded at top priority).
 
 Not for: predicting routes (predictor/), moving bytes or owning slots (expert_store/), measuring time.
 The frozen types it trades in (`Plan`, `Transfer`, `InFlight`, `CacheView`) are expert_store/plan.py's.

@@ -162,6 +162,11 @@ class ExpertCache:
             source_ms=source_ms,
         )
 
+    def _key_ms(self, key: ExpertKey) -> float:
+        """The expected time of `key` from its source into a slot."""
+        source_ms = self.timing.source_ms
+        return source_ms[self._sources[key]] if source_ms else self.timing.transfer_ms
+
     def state(self, key: ExpertKey) -> str:
         """"landed", "copying", "queued" or "absent" (for tests and reports)."""
         self._poll()
@@ -421,11 +426,6 @@ class ExpertCache:
         self.copier.host_wait(self._staging_free[free[0]])
         self._staging_taken.add(free[0])
         return free[0]
-
-    def _key_ms(self, key: ExpertKey) -> float:
-        """The expected time of `key` from its source into a slot."""
-        source_ms = self.timing.source_ms
-        return source_ms[self._sources[key]] if source_ms else self.timing.transfer_ms
 
     def _poll(self) -> None:
         for key, copy in list(self._copying.items()):

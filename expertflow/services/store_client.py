@@ -80,7 +80,8 @@ class RemoteExpertStore(ExpertStore):
     """The experts of the expert-store service at `address`, for a worker computing on `device`.
 
     `timeout_s` bounds each control call (and the wait for a store still starting), `fetch_timeout_s` each
-    expert's stream; `retries` more attempts follow a failed fetch; `host_id` None is this host's
+    expert's stream; `retries` more attempts follow a failed fetch; `readers` threads run `stage` (0: none, it
+    reads synchronously: a caller with its own threads, store_cluster.py); `host_id` None is this host's
     (store_wire.host_id); any other value makes this client fetch everything, as a client on another host."""
 
     def __init__(
@@ -95,8 +96,8 @@ class RemoteExpertStore(ExpertStore):
         chunk_bytes: int = 0,
         host_id: str | None = None,
     ) -> None:
-        if retries < 0 or readers < 1 or timeout_s <= 0 or fetch_timeout_s <= 0:
-            raise ValueError("retries >= 0, readers >= 1 and positive timeouts, please")
+        if retries < 0 or readers < 0 or timeout_s <= 0 or fetch_timeout_s <= 0:
+            raise ValueError("retries >= 0, readers >= 0 and positive timeouts, please")
         self.address = address
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -129,7 +130,7 @@ class RemoteExpertStore(ExpertStore):
             self.host_kind = "fetch (the store is on another host)" if attach.host_id != mine else "fetch"
             if attach.host_id == mine and attach.segments:
                 self._map(attach)
-            if len(self._views) < len(self._tiers):
+            if len(self._views) < len(self._tiers) and readers:  # 0: the caller reads on its own threads
                 self._readers = ThreadPoolExecutor(readers, thread_name_prefix="expert-store-fetch")
         except BaseException:
             self.close()

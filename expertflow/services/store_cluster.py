@@ -39,6 +39,7 @@ from expert_store.keys import ExpertKey
 from expert_store.layout import ExpertLayout
 from expert_store.store import ExpertStore, StagedRead, ThreadedRead, Tier
 from expertflow.services import store_wire
+from expertflow.services.common import open_channel
 from expertflow.services.store_client import RemoteExpertStore, StoreFetchError
 from expertflow.v1 import expert_store_pb2 as pb
 from expertflow.v1 import expert_store_pb2_grpc
@@ -48,11 +49,6 @@ log = logging.getLogger(__name__)
 
 class ExpertUnavailable(IOError):
     """No live replica delivered an expert: which one, and every node tried (or that none holds it)."""
-
-
-def _channel(address: str) -> grpc.Channel:
-    """Every gRPC channel this module opens (the per-node connections are RemoteExpertStore's own)."""
-    return grpc.insecure_channel(address)
 
 
 @dataclass
@@ -84,6 +80,7 @@ class ClusterExpertStore(ExpertStore):
         self.host_id = host_id if host_id is not None else store_wire.host_id()
         self.refresh_s, self.probe_s, self.grace_s = refresh_s, probe_s, grace_s
         self._node_timeout_s, self._fetch_timeout_s = node_timeout_s, fetch_timeout_s
+        self._reader_count = readers  # also each node client's, for the ranges of the fetches they run
         self._lock = threading.Lock()
         self._clients: dict[str, tuple[StoreNode, RemoteExpertStore]] = {}
         self._retired: list[RemoteExpertStore] = []
@@ -153,7 +150,7 @@ class ClusterExpertStore(ExpertStore):
                 return have[1]
         try:
             client = RemoteExpertStore(node.address, self.device, timeout_s=self._node_timeout_s,
-                                       fetch_timeout_s=self._fetch_timeout_s, retries=0, readers=0,
+                                       fetch_timeout_s=self._fetch_timeout_s, retries=0, readers=self._reader_count,
                                        host_id=self.host_id)  # fmt: skip
         except (ConnectionError, ValueError) as e:
             raise ConnectionError(f"cannot use it ({e})") from None
@@ -287,7 +284,9 @@ class ClusterExpertStore(ExpertStore):
                                 f"tried {'; '.join(tried)}")  # fmt: skip
 
     def _fetch_from(self, client: RemoteExpertStore, key: ExpertKey, out: torch.Tensor) -> None:
-        """One expert's bytes from one node into `out` (checked end to end against its crc32), or an error."""
+        """One expert's bytes from one node into `out`, on this thread: the node client's fetch (store_fetch.py:
+        parallel ranged streams of checksummed chunks straight into `out`, a corrupt range fetched again, the
+        whole crc32 checked against the node's listing), or an error."""
         client.read_into(key, out)
 
     # -- the directory -----------------------------------------------------------------------------------------
@@ -344,7 +343,7 @@ class ClusterExpertStore(ExpertStore):
                if a.next_probe <= now and n in self._snapshot.nodes]  # fmt: skip
         for node in due:
             try:
-                with _channel(node.address) as channel:
+                with open_channel(node.address) as channel:
                     stub = expert_store_pb2_grpc.ExpertStoreStub(channel)
                     answer = stub.GetLayout(pb.LayoutRequest(), timeout=self._node_timeout_s)
                 back = answer.model_version == self.version

@@ -33,6 +33,7 @@ import time
 import zlib
 from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,7 @@ from expertflow.services.store_wire import (
     key_from_proto,
     key_to_proto,
     model_version,
+    range_error,
 )
 from expertflow.v1 import expert_store_pb2 as pb
 from expertflow.v1 import expert_store_pb2_grpc
@@ -143,6 +145,16 @@ def expert_crcs(store: LocalExpertStore, workers: int = 4) -> dict[ExpertKey, in
 
 
 @dataclass
+class _SharedRead:
+    """One NVMe expert read once for the streams sending its ranges at the same time."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    buffer: torch.Tensor | None = None
+    error: str | None = None
+    users: int = 0
+
+
+@dataclass
 class _Share:
     """The experts this node holds now, with their crc32s and tiers; replaced whole when its placement moves."""
 
@@ -173,6 +185,7 @@ class ExpertStoreServicer(expert_store_pb2_grpc.ExpertStoreServicer):
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._fetches = self._bytes_sent = 0
+        self._nvme_reads: dict[ExpertKey, _SharedRead] = {}  # NVMe experts being sent, by key
         registry = registry if registry is not None else CollectorRegistry()
         self._m_fetches = Counter(
             "expertflow_store_fetches", "Fetch calls completed, by the expert's tier", ["tier"], registry=registry
@@ -277,10 +290,14 @@ class ExpertStoreServicer(expert_store_pb2_grpc.ExpertStoreServicer):
         try:
             if key not in share.tiers:
                 context.abort(grpc.StatusCode.NOT_FOUND, self._not_held(key, share))
-            problem = chunk_size_error(request.chunk_bytes)
+            problem = chunk_size_error(request.chunk_bytes) or range_error(
+                request.offset, request.length, self.layout.slot_nbytes
+            )
             if problem is not None:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-            yield from self._send(share, key, request.chunk_bytes or DEFAULT_CHUNK_BYTES, context)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expert {tuple(key)}: {problem}")
+            stop = request.offset + request.length if request.length else self.layout.slot_nbytes
+            chunk_bytes = request.chunk_bytes or DEFAULT_CHUNK_BYTES
+            yield from self._send(share, key, chunk_bytes, request.offset, stop, context)
         finally:  # also when the call is cancelled: the generator is closed at the chunk it stopped at
             with self._lock:
                 share.active -= 1
@@ -297,26 +314,53 @@ class ExpertStoreServicer(expert_store_pb2_grpc.ExpertStoreServicer):
         )
 
     def _send(
-        self, share: _Share, key: ExpertKey, chunk_bytes: int, context: grpc.ServicerContext
+        self, share: _Share, key: ExpertKey, chunk_bytes: int, start: int, stop: int, context: grpc.ServicerContext
     ) -> Iterator[pb.ExpertChunk]:
-        buffer = share.store.host_view(key)
-        if buffer is None:  # NVMe: read it whole through the NVMe tier, zeroed so the padding matches its crc
-            buffer = torch.zeros(self.layout.padded_numel, dtype=self.layout.dtype)
-            try:
-                share.store.read_into(key, buffer)
-            except Exception as e:  # a file gone or unreadable: the client hears why (and may try again)
-                log.exception("NVMe read failed", extra={"key": list(key)})
-                context.abort(grpc.StatusCode.INTERNAL, f"expert {tuple(key)}: reading it from the files failed: {e}")
         tier = share.tiers[key].value
-        for chunk in chunks(_bytes(buffer), chunk_bytes):
-            yield chunk
-            self._m_bytes.labels(tier).inc(len(chunk.data))
-            with self._lock:
-                self._bytes_sent += len(chunk.data)
+        with self._expert_bytes(share, key, context) as data:
+            for chunk in chunks(data, chunk_bytes, start, stop):
+                yield chunk
+                self._m_bytes.labels(tier).inc(len(chunk.data))
+                with self._lock:
+                    self._bytes_sent += len(chunk.data)
         self._m_fetches.labels(tier).inc()
         with self._lock:
             self._fetches += 1
-        log.debug("fetched", extra={"key": list(key), "tier": tier})
+        log.debug("fetched", extra={"key": list(key), "tier": tier, "range": [start, stop]})
+
+    @contextmanager
+    def _expert_bytes(self, share: _Share, key: ExpertKey, context: grpc.ServicerContext) -> Iterator[np.ndarray]:
+        """The expert's buffer as bytes: its host-tier view, or (NVMe) one read shared by the streams fetching it at
+        the same time (a client fetches one expert as several ranges at once), dropped when the last one ends."""
+        buffer = share.store.host_view(key)
+        if buffer is not None:
+            yield _bytes(buffer)
+            return
+        with self._lock:
+            read = self._nvme_reads.get(key)
+            first = read is None
+            if first:
+                read = self._nvme_reads[key] = _SharedRead()
+            read.users += 1
+        try:
+            if first:  # read it whole through the NVMe tier, zeroed so that the padding matches its crc
+                try:
+                    read.buffer = torch.zeros(self.layout.padded_numel, dtype=self.layout.dtype)
+                    share.store.read_into(key, read.buffer)
+                except Exception as e:  # a file gone or unreadable: the client hears why (and may try again)
+                    log.exception("NVMe read failed", extra={"key": list(key)})
+                    read.error = f"expert {tuple(key)}: reading it from the files failed: {e}"
+                finally:
+                    read.done.set()
+            read.done.wait()
+            if read.error is not None:
+                context.abort(grpc.StatusCode.INTERNAL, read.error)
+            yield _bytes(read.buffer)
+        finally:
+            with self._lock:
+                read.users -= 1
+                if read.users == 0:
+                    del self._nvme_reads[key]
 
     def drain(self, timeout_s: float = 5.0) -> bool:
         """Wait for Fetch calls still sending (once the server has stopped, each ends at its next chunk), so that

@@ -406,7 +406,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", help="host:port (default: [expert_store] listen)")
     p.add_argument("--config", type=Path, help="services config file (TOML, see expertflow/services/config.py)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 for none (default: [metrics] expert_store)")
-    cluster = p.add_argument_group("scaled out (a node of many; see README, mode 3)")
+    cluster = p.add_argument_group("scaled out (a node of many; README: Scaled-out expert store)")
     cluster.add_argument("--directory", help="the directory, redis://HOST:PORT: hold a share and register it there")
     cluster.add_argument("--shard", help="I/N: node I of N (static), or auto: rendezvous over the live nodes "
                          "(default: [expert_store] shard)")  # fmt: skip

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -120,15 +122,29 @@ class Compose:
         return self.run("logs", "--no-color", "--tail", "60", check=False).stdout[-8000:]
 
 
-def test_compose_stack_answers_through_grpc_and_http(images, tmp_path):
-    services = load_compose()
+@contextmanager
+def brought_up(images: tuple[str, str], *up_args: str) -> Iterator[tuple[Compose, int, int]]:
+    """`up -d` on free ports: (the project, the worker's port, the API's); its logs printed if the block fails,
+    brought down (volumes too) after it, always."""
     worker_port, api_port = free_port(), free_port()
     env = {"EXPERTFLOW_IMAGE": images[0], "EXPERTFLOW_REDIS_IMAGE": images[1],
            "EXPERTFLOW_WORKER_PORT": str(worker_port), "EXPERTFLOW_API_PORT": str(api_port)}  # fmt: skip
-    names = list(services)
     stack = Compose(env)
     try:
-        stack.run("up", "-d")
+        stack.run("up", "-d", *up_args)
+        yield stack, worker_port, api_port
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        down = stack.run("down", "-v", "--timeout", "60", check=False)
+    assert down.returncode == 0, down.stderr
+
+
+def test_compose_stack_answers_through_grpc_and_http(images, tmp_path):
+    services = load_compose()
+    names = list(services)
+    with brought_up(images) as (stack, worker_port, api_port):
         stack.wait_healthy(names)
         assert stack.run("exec", "-T", "redis", "redis-cli", "ping").stdout.strip() == "PONG"
         with InferenceClient(f"127.0.0.1:{worker_port}", timeout_s=120) as client:
@@ -150,24 +166,13 @@ def test_compose_stack_answers_through_grpc_and_http(images, tmp_path):
             if service == "gpu-worker":
                 moved = [line for line in text.splitlines() if line.startswith('expertflow_expert_bytes_total{tier="host"}')]
                 assert moved and float(moved[0].split()[-1]) > 0, text
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        down = stack.run("down", "-v", "--timeout", "60", check=False)
-    assert down.returncode == 0, down.stderr
 
 
 def test_compose_scales_the_expert_store(images, tmp_path):
     """`up --scale expert-store=3`: three nodes register in compose's redis, each expert on two of them, and the
     worker generates what this checkout generates, its experts from its own node's shared memory and the others'
     over gRPC."""
-    worker_port, api_port = free_port(), free_port()
-    env = {"EXPERTFLOW_IMAGE": images[0], "EXPERTFLOW_REDIS_IMAGE": images[1],
-           "EXPERTFLOW_WORKER_PORT": str(worker_port), "EXPERTFLOW_API_PORT": str(api_port)}  # fmt: skip
-    stack = Compose(env)
-    try:
-        stack.run("up", "-d", "--scale", "expert-store=3", "gpu-worker")  # and what it depends on
+    with brought_up(images, "--scale", "expert-store=3", "gpu-worker") as (stack, worker_port, _):  # + its deps
         stack.wait_healthy(["expert-store", "gpu-worker"])
         assert len(stack.run("ps", "-q", "expert-store").stdout.split()) == 3
 
@@ -187,12 +192,6 @@ def test_compose_scales_the_expert_store(images, tmp_path):
         with InferenceClient(f"127.0.0.1:{worker_port}", timeout_s=120) as client:
             direct = client.complete(PROMPT, max_new_tokens=16)
         assert direct.token_ids == embedded_ids(PROMPT, 16)
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        down = stack.run("down", "-v", "--timeout", "60", check=False)
-    assert down.returncode == 0, down.stderr
 
 
 @pytest.fixture

@@ -36,9 +36,12 @@ def start_nodes(model_dir, url: str, shards: list[str], replicas: int = 2, ttl_s
 
 
 def copies(url: str, version: str) -> dict[ExpertKey, list[str]]:
+    """Each expert's holders once `version` is complete and published (the switch workers see); {} before."""
     directory = RedisDirectory.from_url(url)
     try:
         snap = directory.snapshot(version)
+        if snap.current != version:
+            return {}
         return {k: sorted(c.node_id for c in e.copies) for k, e in snap.entries.items()}
     finally:
         directory.close()

@@ -427,6 +427,16 @@ class ExpertCache:
         self._staging_taken.add(free[0])
         return free[0]
 
+    def _load_again(self, key: ExpertKey) -> int:
+        """A key the running layer needs whose prefetch failed (dropped, its slot freed): load it on demand and
+        wait for it; a demand read that fails too raises ExpertReadError."""
+        slot = self._make_room(self._pinned, wait=True)
+        if slot is None:
+            raise RuntimeError("no slot can be freed: every slot holds an expert the running layer needs")
+        self._place(key, slot)
+        self._issue(key, slot, demand=True, prefetch=False)
+        return self._wait_landed(key)
+
     def _poll(self) -> None:
         for key, copy in list(self._copying.items()):
             self._advance(key, copy)
@@ -442,8 +452,8 @@ class ExpertCache:
     def _wait_landed(self, key: ExpertKey) -> int:
         """Block compute (not the host, on a GPU) until `key` has landed; its slot."""
         slot = self.residency.lookup(key)
-        if slot is None:
-            raise RuntimeError(f"expert {tuple(key)} was evicted before its layer used it")
+        if slot is None:  # its prefetch's read failed since demand() and gave up the slot
+            return self._load_again(key)
         if key in self._queued:  # demand() issues its layer's queued keys; a caller may skip demand()
             self._unqueue(key)
             self._issue(key, slot, demand=True, prefetch=True)
@@ -451,6 +461,8 @@ class ExpertCache:
         if copy is not None:
             if copy.read is not None:  # reading a slower tier blocks the host: stall on any device
                 self._advance(key, copy, block=True)
+                if key not in self.residency:  # a prefetch whose read failed just now
+                    return self._load_again(key)
             if key in self._copying:
                 self.copier.wait(copy.ready)
                 del self._copying[key]

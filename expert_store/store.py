@@ -57,14 +57,18 @@ class StagedRead(ABC):
 
 
 class _Finished(StagedRead):
-    def __init__(self, tier: Tier, seconds: float = 0.0) -> None:
-        self._tier = tier
+    """A read that already ended: its tier, or (`error`) why it failed, raised by `wait` as a threaded read's."""
+
+    def __init__(self, tier: Tier | None, seconds: float = 0.0, error: Exception | None = None) -> None:
+        self._tier, self._error = tier, error
         self.seconds = seconds
 
     def done(self) -> bool:
         return True
 
     def wait(self) -> Tier:
+        if self._error is not None:
+            raise self._error
         return self._tier
 
 
@@ -115,8 +119,11 @@ class ExpertStore(ABC):
 
     def stage(self, key: ExpertKey, out: torch.Tensor) -> StagedRead:
         """Start writing the expert into `out` and return at once. This default reads synchronously;
-        stores with a slow tier override it."""
-        return _Finished(self.read_into(key, out))
+        stores with a slow tier override it. A read that fails fails at `wait`, whichever way it ran."""
+        try:
+            return _Finished(self.read_into(key, out))
+        except Exception as e:  # noqa: BLE001 - handed to the caller at wait(), as ThreadedRead does
+            return _Finished(None, error=e)
 
     def close(self) -> None:
         """Release host memory and stop any reader; the store is unusable afterwards."""

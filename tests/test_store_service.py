@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import stat
@@ -24,6 +25,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from conftest import prompt_ids
+from expert_store.checkpoint import CheckpointFiles
 from expert_store.keys import ExpertKey
 from expert_store.store import Tier
 from expertflow.cli import main
@@ -267,17 +269,23 @@ def test_a_buffer_unlike_the_listing_is_refused(mixtral_dir):
             store.close()
 
 
-def test_the_model_version_follows_the_files_and_the_dtype(mixtral_dir):
+def test_the_model_version_follows_the_content_the_dtype_and_the_label(mixtral_dir, tmp_path):
     first = ServedModel.open(mixtral_dir, "0", torch.float32).version
-    assert ServedModel.open(mixtral_dir, "0", torch.float32).version == first
     assert ServedModel.open(mixtral_dir, "0", torch.bfloat16).version != first
-    weights = next(mixtral_dir.glob("*.safetensors"))
-    stat = weights.stat()
-    try:
-        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # rewritten in place, same size
-        assert ServedModel.open(mixtral_dir, "0", torch.float32).version != first
-    finally:
-        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert ServedModel.open(mixtral_dir, "0", torch.float32, version_label="tuned").version != first
+    copy = tmp_path / "copy"  # the same checkpoint on another host: other paths, other modification times
+    shutil.copytree(mixtral_dir, copy)
+    weights = next(copy.glob("*.safetensors"))
+    os.utime(weights, ns=(1, 1))
+    assert ServedModel.open(copy, "0", torch.float32).version == first
+    files = CheckpointFiles(copy)  # a fine-tune: same names, shapes and offsets, other weights
+    info = files.info(sorted(files.tensors)[0])
+    with open(weights, "r+b") as f:
+        f.seek(info.start)
+        byte = f.read(1)
+        f.seek(info.start)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert ServedModel.open(copy, "0", torch.float32).version != first
 
 
 class _Hangs(ExpertStoreServicer):

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 
 import grpc
@@ -133,12 +133,16 @@ def run_until_stopped(
     log: logging.Logger,
     on_stop: Callable[[], None] | None = None,
     drain: Callable[[], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT; then `drain` (let requests in flight finish, while the server still
-    answers their streams), stop the server gracefully, and run `on_stop` (release shared memory, ...)."""
+    """Serve until SIGTERM or SIGINT (`on_start` runs once the server answers); then `drain` (let requests in
+    flight finish, while the server still answers their streams), stop the server gracefully, and run `on_stop`
+    (release shared memory, ...)."""
     server.start()
     log.info("serving", extra={"address": server.address})
     try:
+        if on_start is not None:
+            on_start()
         wait_for_signal(log)
     finally:
         server.health.enter_graceful_shutdown()  # load balancers and health checks see NOT_SERVING at once
@@ -148,6 +152,12 @@ def run_until_stopped(
         if on_stop is not None:
             on_stop()
         log.info("stopped")
+
+
+def open_channel(address: str, options: Sequence[tuple[str, int | str]] = ()) -> grpc.Channel:
+    """A client channel to the service at `address`: the one place this package's newer clients open channels, so
+    that transport settings (credentials, ...) apply to all of them at once."""
+    return grpc.insecure_channel(address, options=list(options))
 
 
 def wait_for_server(address: str, timeout_s: float = 30.0, service: str = "") -> None:

@@ -84,8 +84,10 @@ class RemoteExpertStore(ExpertStore):
 
     `timeout_s` bounds each control call (and the wait for a store still starting), `fetch_timeout_s` each
     expert's fetch; `retries` more attempts follow a failed fetch; `readers` experts are fetched at once, each
-    as `streams` ranges of `chunk_bytes` chunks (0: store_fetch's measured defaults); `host_id` None is this
-    host's (store_wire.host_id); any other value makes this client fetch everything, as a client on another host."""
+    as `streams` ranges of `chunk_bytes` chunks (0: store_fetch's measured defaults); `read_into` fetches on the
+    calling thread, ranges after the first on a pool of `readers * (streams - 1)` (a caller with its own reader
+    threads, store_cluster.py, calls it there); `host_id` None is this host's (store_wire.host_id); any other value
+    makes this client fetch everything, as a client on another host."""
 
     def __init__(
         self,

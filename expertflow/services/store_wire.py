@@ -9,12 +9,14 @@ dtype names, keys on the wire, and the host id that says whether two processes s
     dtype_name(torch.bfloat16) == "bfloat16"       dtype_of("bfloat16") is torch.bfloat16
     key_to_proto((1, 5)) / key_from_proto(msg)     ExpertKey <-> expertflow.v1.ExpertKey
     host_id()                                      equal in two processes only if they share /dev/shm
+    model_version(files, dtype, label)             the same for the same weights on any host (see there)
 
 Not for: serving (store_server.py) or reading (store_client.py), or any other service's messages.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import zlib
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from expert_store.checkpoint import CheckpointFiles
 from expert_store.keys import ExpertKey
 from expertflow.v1 import common_pb2
 from expertflow.v1 import expert_store_pb2 as pb
@@ -97,3 +100,38 @@ def host_id() -> str:
     machine = boot.read_text().strip() if boot.exists() else socket.gethostname()
     shm = os.stat("/dev/shm").st_dev if os.path.isdir("/dev/shm") else 0
     return f"{machine}/{shm}"
+
+
+_SAMPLE_BYTES = 256  # read at a tensor's start, middle and end
+
+
+def model_version(files: CheckpointFiles, dtype: torch.dtype, label: str = "") -> str:
+    """What the served weights are, from their content: the index, every shard's safetensors header (names,
+    dtypes, shapes, offsets), a few bytes sampled from each tensor, the dtype served and an optional label.
+
+    Content, not file metadata: two copies of one checkpoint on two machines (or in two images) have different
+    modification times but must get the same version, or a worker would refuse the store nodes of another host.
+    The headers alone would give two fine-tunes of one base model the same version, so a few hundred bytes of
+    every tensor are read too (a fine-tune changes them); that is a few reads per tensor, never the weights
+    themselves. `label` ([model] version_label) tells apart weights that differ only where nothing is sampled.
+    Every fetched expert is still checked end to end against the crc32 its node computed from all of its bytes.
+    """
+    digest = hashlib.sha256(f"{dtype_name(dtype)}\0{label}\0".encode())
+    index = files.directory / "model.safetensors.index.json"
+    if index.exists():
+        digest.update(index.read_bytes())
+    by_file: dict[Path, list] = {}
+    for name, info in files.tensors.items():
+        by_file.setdefault(info.file, []).append((name, info))
+    for path in sorted(by_file):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            header_len = int.from_bytes(os.pread(fd, 8, 0), "little")  # CheckpointFiles validated it
+            digest.update(f"\0{path.name}\0".encode() + os.pread(fd, header_len, 8))
+            for name, info in sorted(by_file[path], key=lambda t: t[0]):
+                n = info.nbytes
+                for at in sorted({0, max(0, n // 2 - _SAMPLE_BYTES // 2), max(0, n - _SAMPLE_BYTES)}):
+                    digest.update(os.pread(fd, min(_SAMPLE_BYTES, n), info.start + at))
+        finally:
+            os.close(fd)
+    return digest.hexdigest()[:16]

@@ -1,6 +1,7 @@
 """Store nodes of a scaled-out expert store as real `expertflow expert-store --directory ...` processes for the
 tests: started (optionally inside a network namespace, with a /dev/shm of their own so that they are another
-host to the worker), their JSON log lines read as they come, stopped (SIGTERM), killed (SIGKILL), restarted.
+host to the worker), their JSON log lines read as they come, stopped (SIGTERM), killed (SIGKILL), restarted;
+and the network namespaces that stand for other hosts (`Hosts`).
 
 Not for: anything but tests (users run the command: README, "Scaled-out expert store").
 """
@@ -8,7 +9,9 @@ Not for: anything but tests (users run the command: README, "Scaled-out expert s
 from __future__ import annotations
 
 import json
+import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,3 +103,47 @@ def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.1):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
         time.sleep(every_s)
+
+
+def namespaces_unavailable() -> str | None:
+    """Why network namespaces cannot be made here (a test skips with it), or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    if shutil.which("ip") is None:
+        return "needs iproute2's `ip`"
+    probe = f"efprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"`ip netns add` fails here: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def sh(*args: str) -> None:
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {done.stderr.strip()}")
+
+
+class Hosts:
+    """N namespaces, namespace i at 10.231.i.2 behind a veth pair whose end here is 10.231.i.1."""
+
+    def __init__(self, count: int) -> None:
+        self.tag = f"ef{os.getpid() % 100000}"
+        self.names: list[str] = []
+        for i in range(count):
+            ns, here, there = f"{self.tag}n{i}", f"{self.tag}h{i}", f"{self.tag}p{i}"
+            sh("ip", "netns", "add", ns)
+            self.names.append(ns)
+            sh("ip", "link", "add", here, "type", "veth", "peer", "name", there)
+            sh("ip", "link", "set", there, "netns", ns)
+            sh("ip", "addr", "add", f"10.231.{i}.1/24", "dev", here)
+            sh("ip", "link", "set", here, "up")
+            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"10.231.{i}.2/24", "dev", there)
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", there, "up")
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+
+    def close(self) -> None:
+        for i, ns in enumerate(self.names):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # takes its veth end and the pair
+            subprocess.run(["ip", "link", "del", f"{self.tag}h{i}"], capture_output=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from expertflow.services.common import wait_for_server
 from expertflow.services.redis_directory import RedisDirectory
 from expertflow.services.store_server import ServedModel
 from redis_server import RedisServer, free_port
-from store_nodes import NodeProcess, wait_until
+from store_nodes import Hosts, NodeProcess, namespaces_unavailable, wait_until
 from test_worker_service import embedded
 
 pytestmark = pytest.mark.slow
@@ -46,49 +45,6 @@ pytestmark = pytest.mark.slow
 TTL_S = 2.0  # the nodes' heartbeat expiry: how soon the directory drops a dead node
 NEW_TOKENS = 48
 PROMPTS = [prompt_ids(400 + i, 6 + i) for i in range(6)]
-
-
-def _can_make_namespaces() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces)"
-    if shutil.which("ip") is None:
-        return "needs iproute2's `ip`"
-    probe = f"efprobe{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"`ip netns add` fails here: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-def sh(*args: str) -> None:
-    done = subprocess.run(args, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)}: {done.stderr.strip()}")
-
-
-class Hosts:
-    """N namespaces, namespace i at 10.231.i.2 behind a veth pair whose end here is 10.231.i.1."""
-
-    def __init__(self, count: int) -> None:
-        self.tag = f"ef{os.getpid() % 100000}"
-        self.names: list[str] = []
-        for i in range(count):
-            ns, here, there = f"{self.tag}n{i}", f"{self.tag}h{i}", f"{self.tag}p{i}"
-            sh("ip", "netns", "add", ns)
-            self.names.append(ns)
-            sh("ip", "link", "add", here, "type", "veth", "peer", "name", there)
-            sh("ip", "link", "set", there, "netns", ns)
-            sh("ip", "addr", "add", f"10.231.{i}.1/24", "dev", here)
-            sh("ip", "link", "set", here, "up")
-            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"10.231.{i}.2/24", "dev", there)
-            sh("ip", "netns", "exec", ns, "ip", "link", "set", there, "up")
-            sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-
-    def close(self) -> None:
-        for i, ns in enumerate(self.names):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # takes its veth end and the pair
-            subprocess.run(["ip", "link", "del", f"{self.tag}h{i}"], capture_output=True)
 
 
 def ask_all(address: str, prompts, timeout_s: float = 90.0, started: threading.Event | None = None) -> list:
@@ -126,7 +82,7 @@ def listed(url: str, version: str) -> set[str]:
 
 
 def test_failover_across_network_namespaces(tiny_models, tmp_path):
-    reason = _can_make_namespaces()
+    reason = namespaces_unavailable()
     if reason is not None:
         pytest.skip(reason)
     model_dir = tiny_models["mixtral"][0]

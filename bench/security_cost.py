@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import torch
 from prometheus_client import CollectorRegistry
 

@@ -57,10 +57,15 @@ def _pipe_lines(stream, lines: queue.Queue) -> None:
         lines.put(line)
 
 
-def start_store(model: Path, timeout_s: float = 600) -> tuple[subprocess.Popen, str]:
-    """`expertflow expert-store` on `model` with every expert in shared memory; (process, its address)."""
+def store_command(model: Path, listen: str = "127.0.0.1:0") -> list[str]:
+    """The `expertflow expert-store` command serving `model` with every expert in shared memory."""
     command = [sys.executable, "-m", "expertflow.cli", "expert-store", "--model", str(model), "--host-budget", "100%"]
-    command += ["--dtype", "float32", "--listen", "127.0.0.1:0", "--metrics-port", "0"]
+    return command + ["--dtype", "float32", "--listen", listen, "--metrics-port", "0"]
+
+
+def start_store(model: Path, timeout_s: float = 600, command: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`command` (default: `store_command(model)`), a store that logs JSON lines; (process, its address)."""
+    command = command or store_command(model)
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_pipe_lines, args=(proc.stderr, lines), daemon=True).start()

@@ -66,7 +66,9 @@ target+=("${platforms[@]}")
 requirements=$("$PYTHON" - "$repo/pyproject.toml" "$torch_req" <<'EOF'
 import sys, tomllib
 deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
-print("\n".join([sys.argv[2], *deps]))
+# what pip download misses: it evaluates python_full_version markers for this Python, not --python-version, and
+# redis needs async-timeout below 3.11.3 (bookworm's python3 is 3.11.2)
+print("\n".join([sys.argv[2], *deps, "async-timeout>=4.0.3"]))
 EOF
 )
 wheelhouse=$cache/context/deps

@@ -14,14 +14,17 @@ Per MoE layer, in this order:
                              while misses are still copying; the layer's uses reach the eviction policy
                              once all are issued, and the layer is unpinned
     execute(plan)            a prefetcher's plan (the engine plans once the layer's work is issued):
-                             cancel queued copies, evict landed keys, queue fetches earliest deadline
-                             first, each with its slot reserved now
+                             cancel queued copies, evict landed keys, queue fetches by the time they
+                             must start (deadline less the key's transfer time from its source: a remote
+                             key goes before a local one due at the same time), each with its slot
+                             reserved now
 
 Queued prefetches go to the copy stream at most `max_inflight` at a time, so a demand load waits
 behind at most that many; the queue moves on at each plan and after each expert `acquire` yields.
 `view()` is the read-only snapshot prefetchers plan with (expert_store/plan.py), with the injected
-clock and times. A read from a slower tier that fails frees its slot: a prefetch is dropped (loaded on
-demand if used), a demand load raises `ExpertReadError`.
+clock and times, each key's source (the store's `source()`, fixed at start) and each source's time;
+reads are timed per source for `MeasuredTiming`. A read from a slower tier that fails frees its slot:
+a prefetch is dropped (loaded on demand if used), a demand load raises `ExpertReadError`.
 
 Shape legend: L = MoE layers, E = experts per layer, D = hidden, F = expert FFN size.
 
@@ -42,7 +45,7 @@ import torch
 
 from expert_store.eviction import EvictionPolicy
 from expert_store.keys import ExpertKey
-from expert_store.plan import CacheView, InFlight, Plan
+from expert_store.plan import SOURCES, CacheView, InFlight, Plan, key_ms, source_codes
 from expert_store.residency import Residency
 from expert_store.stats import CacheStats
 from expert_store.store import ExpertStore, StagedRead
@@ -104,7 +107,8 @@ class ExpertCache:
         self._staging_free: list[Any | None] = [None] * n_staging  # marker: its last copy has left it
         self._staging_taken: set[int] = set()
         self._landed = np.zeros(self.shape, bool)  # [L, E]
-        self._queue: list[tuple[float, int, ExpertKey]] = []  # planned prefetches, (deadline, seq, key)
+        # planned prefetches, (latest start = deadline - transfer from its source, deadline, seq, key)
+        self._queue: list[tuple[float, float, int, ExpertKey]] = []
         self._queued: set[ExpertKey] = set()
         self._seq = 0
         self._copying: dict[ExpertKey, _Copy] = {}  # in issue order
@@ -112,6 +116,12 @@ class ExpertCache:
         self._waiting: list[ExpertKey] = []  # its misses that found no slot yet
         self._last_layer: frozenset[ExpertKey] = frozenset()  # the keys of the layer acquired last
         self._prefetched_unused: set[ExpertKey] = set()
+        own = set(keys)
+        self._sources = source_codes(
+            self.shape, lambda layer, e: store.source(ExpertKey(layer, e)) if (layer, e) in own else None
+        )
+        self._reads = [[0.0, 0] for _ in SOURCES]  # per source: seconds of reads finished this step, count
+        self._one_source = not self._sources.any()  # every key local: the view needs no sources (one link time)
         self.stats = CacheStats()
 
     @property
@@ -126,14 +136,15 @@ class ExpertCache:
     def view(self) -> CacheView:
         self._poll()
         now = self.clock()
-        transfer = self.timing.transfer_ms
+        transfer, source_ms = self.timing.transfer_ms, () if self._one_source else self.timing.source_ms
+        per_key = key_ms(self._sources, source_ms)
         in_flight, eta = [], -np.inf
         for key, c in self._copying.items():  # issue order: the copy stream serves them in turn
-            eta = max(eta, c.issued_ms) + transfer
+            eta = max(eta, c.issued_ms) + (transfer if per_key is None else per_key[key])
             in_flight.append(InFlight(key, max(eta, now), started=True))  # overdue: landing any moment
         clock = max(eta, now)
-        for _, _, key in self._queue:
-            clock += transfer
+        for *_, key in self._queue:
+            clock += transfer if per_key is None else per_key[key]
             in_flight.append(InFlight(key, clock, started=False))
         # The running layer's keys; once its work is issued (a prefetcher plans then), those of its demand
         # copies still under way: the layer cannot finish before they land (CacheView.ready_ms).
@@ -147,7 +158,14 @@ class ExpertCache:
             layer_ms=self.timing.layer_ms,
             transfer_ms=transfer,
             link_busy=self.timing.link_busy,
+            sources=self._sources if source_ms else None,  # never written after __init__
+            source_ms=source_ms,
         )
+
+    def _key_ms(self, key: ExpertKey) -> float:
+        """The expected time of `key` from its source into a slot."""
+        source_ms = self.timing.source_ms
+        return source_ms[self._sources[key]] if source_ms else self.timing.transfer_ms
 
     def state(self, key: ExpertKey) -> str:
         """"landed", "copying", "queued" or "absent" (for tests and reports)."""
@@ -171,8 +189,10 @@ class ExpertCache:
         """A forward pass over every layer ended: its counters. Its wall time `seconds` (None: not
         representative, e.g. a prompt's) also updates the times prefetchers plan with."""
         stats = self.take_stats()
+        reads = {source: (s, n) for source, (s, n) in zip(SOURCES, self._reads) if n}
+        self._reads = [[0.0, 0] for _ in SOURCES]
         if seconds is not None:
-            self.timing.record_step(seconds, stats.copy_s + stats.read_s, stats.misses + stats.prefetches)
+            self.timing.record_step(seconds, stats.copy_s, stats.misses + stats.prefetches, reads)
         return stats
 
     # -- per layer ------------------------------------------------------------------------------
@@ -225,7 +245,7 @@ class ExpertCache:
             if slot is None:
                 break
             self._place(t.key, slot)
-            bisect.insort(self._queue, (t.deadline_ms, self._seq, t.key))
+            bisect.insort(self._queue, (t.deadline_ms - self._key_ms(t.key), t.deadline_ms, self._seq, t.key))
             self._seq += 1
             self._queued.add(t.key)
         self._pump()
@@ -289,7 +309,7 @@ class ExpertCache:
 
     def _unqueue(self, key: ExpertKey) -> None:
         self._queued.discard(key)
-        self._queue = [q for q in self._queue if q[2] != key]
+        self._queue = [q for q in self._queue if q[-1] != key]
 
     def _make_room(self, protected: frozenset[ExpertKey], wait: bool) -> int | None:
         """A free slot: a free one, else one the eviction policy frees among landed keys outside `protected`;
@@ -303,9 +323,9 @@ class ExpertCache:
                 continue
             if not wait:
                 return None
-            queued = [q for q in self._queue if q[2] not in protected]
+            queued = [q for q in self._queue if q[-1] not in protected]
             if queued:
-                key = queued[-1][2]
+                key = queued[-1][-1]
                 self._unqueue(key)
                 self._release(key)
                 self.stats.prefetch_cancelled += 1
@@ -386,6 +406,9 @@ class ExpertCache:
             if block:
                 self.stats.stall_s += time.perf_counter() - t0
         self.stats.read_s += copy.read.seconds
+        reads = self._reads[self._sources[key]]
+        reads[0] += copy.read.seconds
+        reads[1] += 1
         copy.read = None
         return True
 
@@ -404,6 +427,16 @@ class ExpertCache:
         self._staging_taken.add(free[0])
         return free[0]
 
+    def _load_again(self, key: ExpertKey) -> int:
+        """A key the running layer needs whose prefetch failed (dropped, its slot freed): load it on demand and
+        wait for it; a demand read that fails too raises ExpertReadError."""
+        slot = self._make_room(self._pinned, wait=True)
+        if slot is None:
+            raise RuntimeError("no slot can be freed: every slot holds an expert the running layer needs")
+        self._place(key, slot)
+        self._issue(key, slot, demand=True, prefetch=False)
+        return self._wait_landed(key)
+
     def _poll(self) -> None:
         for key, copy in list(self._copying.items()):
             self._advance(key, copy)
@@ -412,15 +445,15 @@ class ExpertCache:
         """Observe landings, then issue queued prefetches while fewer than `max_inflight` are copying."""
         self._poll()
         while self._queue and sum(not c.demand for c in self._copying.values()) < self.max_inflight:
-            _, _, key = self._queue.pop(0)
+            key = self._queue.pop(0)[-1]
             self._queued.discard(key)
             self._issue(key, self.residency.lookup(key), demand=False, prefetch=True)
 
     def _wait_landed(self, key: ExpertKey) -> int:
         """Block compute (not the host, on a GPU) until `key` has landed; its slot."""
         slot = self.residency.lookup(key)
-        if slot is None:
-            raise RuntimeError(f"expert {tuple(key)} was evicted before its layer used it")
+        if slot is None:  # its prefetch's read failed since demand() and gave up the slot
+            return self._load_again(key)
         if key in self._queued:  # demand() issues its layer's queued keys; a caller may skip demand()
             self._unqueue(key)
             self._issue(key, slot, demand=True, prefetch=True)
@@ -428,6 +461,8 @@ class ExpertCache:
         if copy is not None:
             if copy.read is not None:  # reading a slower tier blocks the host: stall on any device
                 self._advance(key, copy, block=True)
+                if key not in self.residency:  # a prefetch whose read failed just now
+                    return self._load_again(key)
             if key in self._copying:
                 self.copier.wait(copy.ready)
                 del self._copying[key]

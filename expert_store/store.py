@@ -13,7 +13,9 @@ Two ways to get bytes that are not already in host RAM (`host_view` is None):
                           tier (NVMe, another host) is not a blocking call inside the MoE block
 
 Placement is static: experts fill the host arena in key order until the host budget is spent; the
-rest are served from the NVMe files.
+rest are served from the NVMe files. `source(key)` says where a key's bytes come from as the planner
+sees it (expert_store/plan.py Source: local memory, another node, an NVMe file), so it plans each key
+with that source's measured time.
 
 Not for: the GPU cache, eviction, or prefetch decisions.
 """
@@ -32,6 +34,7 @@ from tqdm import tqdm
 from expert_store.checkpoint import CheckpointFiles
 from expert_store.keys import ExpertKey
 from expert_store.layout import ExpertLayout, ExpertTensorNames
+from expert_store.plan import Source
 from expert_store.tiers import HostArena, NvmeTier
 
 
@@ -54,14 +57,18 @@ class StagedRead(ABC):
 
 
 class _Finished(StagedRead):
-    def __init__(self, tier: Tier, seconds: float = 0.0) -> None:
-        self._tier = tier
+    """A read that already ended: its tier, or (`error`) why it failed, raised by `wait` as a threaded read's."""
+
+    def __init__(self, tier: Tier | None, seconds: float = 0.0, error: Exception | None = None) -> None:
+        self._tier, self._error = tier, error
         self.seconds = seconds
 
     def done(self) -> bool:
         return True
 
     def wait(self) -> Tier:
+        if self._error is not None:
+            raise self._error
         return self._tier
 
 
@@ -97,6 +104,11 @@ class ExpertStore(ABC):
     @abstractmethod
     def tier(self, key: ExpertKey) -> Tier: ...
 
+    def source(self, key: ExpertKey) -> Source:
+        """Where the key's bytes come from: LOCAL if they are in host memory here, else this default's NVME (a
+        store that fetches from another node says REMOTE)."""
+        return Source.LOCAL if self.tier(key) is Tier.HOST else Source.NVME
+
     @abstractmethod
     def host_view(self, key: ExpertKey) -> torch.Tensor | None:
         """The expert's flat buffer in host RAM (page-locked where possible), or None if not in RAM."""
@@ -107,8 +119,11 @@ class ExpertStore(ABC):
 
     def stage(self, key: ExpertKey, out: torch.Tensor) -> StagedRead:
         """Start writing the expert into `out` and return at once. This default reads synchronously;
-        stores with a slow tier override it."""
-        return _Finished(self.read_into(key, out))
+        stores with a slow tier override it. A read that fails fails at `wait`, whichever way it ran."""
+        try:
+            return _Finished(self.read_into(key, out))
+        except Exception as e:  # noqa: BLE001 - handed to the caller at wait(), as ThreadedRead does
+            return _Finished(None, error=e)
 
     def close(self) -> None:
         """Release host memory and stop any reader; the store is unusable afterwards."""

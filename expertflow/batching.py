@@ -10,6 +10,11 @@
       4. each request samples its next token with its own parameters and seeded generator, so its output never
          depends on the other requests in the batch; it stops on EOS, a stop id, its token limit, the cache
          row's end, or a cancel, and leaves the batch
+    An expert that cannot be read (ExpertReadError: its store nodes are gone) fails only the requests that need
+    it: a step that fails with one request finishes it "error" (`Running.error` says why) and frees its row; a
+    step of several runs again one request per step, for those requests, before anything else (nothing of the
+    step was kept: each re-runs its pending tokens at the same cache columns), so only the requests that route
+    to the lost expert fail. The others in the engine carry on.
     Each forward pass is one step of the prefetching protocol (`StepRunner`): the prefetcher hears begin_step
     with the step's requests by id, after_layer for every MoE layer, finish for each request that leaves.
 
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from expert_store.device_cache import ExpertCache
+from expert_store.device_cache import ExpertCache, ExpertReadError
 from expert_store.stats import CacheStats
 from expertflow.loader import LoadedModel
 from expertflow.model import MoETransformer
@@ -162,7 +167,8 @@ class Running:
     pending: list[int] = field(default_factory=list)  # tokens to feed at its next step
     tokens: list[int] = field(default_factory=list)  # generated so far
     waited: int = 0  # steps since it last ran (or was admitted)
-    finish_reason: str | None = None  # "eos", "length" or "cancelled" once done
+    finish_reason: str | None = None  # "eos", "length", "cancelled" or "error" once done
+    error: str | None = None  # why, for "error": an expert it needs could not be read
     submitted: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None  # time to its first token
 
@@ -210,6 +216,7 @@ class BatchEngine:
         self._free_rows = list(range(rows))
         self._waiting: deque[Running] = deque()
         self._running: list[Running] = []
+        self._alone: deque[Running] = deque()  # of a step that failed reading an expert: re-run one per step
         self._ids = itertools.count()
         self._eos = set(spec.eos_token_ids)
         self._pad = spec.pad_token_id if spec.pad_token_id is not None else 0
@@ -273,24 +280,22 @@ class BatchEngine:
     # -- one step ---------------------------------------------------------------------------------------
     def step(self) -> StepReport | None:
         """Run one forward pass for the requests whose turn it is; None if there is nothing to run."""
-        decoding = self._choose_decodes()
-        budget = self.token_budget - len(decoding)
-        admitted: list[Running] = []
-        while self._waiting and self._free_rows:
-            prompt = len(self._waiting[0].pending)
-            if prompt > budget and (decoding or admitted):
-                break
-            request = self._waiting.popleft()
-            request.row = self._free_rows.pop(0)
-            budget -= prompt
-            admitted.append(request)
-            self._running.append(request)
+        while self._alone and self._alone[0].finish_reason is not None:  # cancelled meanwhile
+            self._alone.popleft()
+        if self._alone:
+            alone = self._alone.popleft()
+            admitted, decoding = ([alone], []) if alone.length == 0 else ([], [alone])
+        else:
+            admitted, decoding = self._admit()
         batch = admitted + decoding
         if not batch:
             return None
         for request in self._running:
             request.waited = 0 if request in batch else request.waited + 1
-        logits, stats, seconds = self._forward(batch)
+        try:
+            logits, stats, seconds = self._forward(batch)
+        except ExpertReadError as e:
+            return self._failed(batch, e)
         finished = []
         for request, row_logits in zip(batch, logits):
             request.length += len(request.pending)
@@ -310,8 +315,36 @@ class BatchEngine:
         prompt_tokens = sum(len(r.prompt) for r in admitted)
         return StepReport(batch, finished, stats, seconds, prompt_tokens, len(decoding))
 
+    def _admit(self) -> tuple[list[Running], list[Running]]:
+        """This step's requests: (prompts admitted now, decodes)."""
+        decoding = self._choose_decodes()
+        budget = self.token_budget - len(decoding)
+        admitted: list[Running] = []
+        while self._waiting and self._free_rows:
+            prompt = len(self._waiting[0].pending)
+            if prompt > budget and (decoding or admitted):
+                break
+            request = self._waiting.popleft()
+            request.row = self._free_rows.pop(0)
+            budget -= prompt
+            admitted.append(request)
+            self._running.append(request)
+        return admitted, decoding
+
+    def _failed(self, batch: list[Running], error: ExpertReadError) -> StepReport:
+        """A step that could not read an expert: its one request fails, or its requests run again one by one.
+        The prefetcher forgets them either way (a retried one starts afresh with its next step)."""
+        if len(batch) == 1:
+            batch[0].error = str(error)
+            self._finish(batch[0], "error")  # the prefetcher hears it there
+        else:
+            self.runner.finish([r.id for r in batch])
+            self._alone.extend(batch)
+        stats = self.loaded.cache.take_stats()
+        return StepReport([], [r for r in batch if r.finish_reason is not None], stats, 0.0, 0, 0)
+
     def _choose_decodes(self) -> list[Running]:
-        ready = [r for r in self._running if r.row >= 0 and r.length > 0]
+        ready = [r for r in self._running if r.row >= 0 and r.length > 0 and r not in self._alone]
         if len(ready) <= self.max_batch:
             return ready
         picked = None

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from expert_store.budget import parse_share, parse_size
 from orchestrator.policies import POLICY_NAMES, PolicyInputs
 from orchestrator.report import format_table, plot
-from orchestrator.simulator import SimConfig, compare, trace_inputs
+from orchestrator.simulator import SimConfig, TierLink, compare, trace_inputs
 from predictor.baselines import ActivationMatrixPredictor, FrequencyPredictor, TrueRoutes, layer_frequency
 from predictor.learned import LearnedPredictor
 from predictor.online import OnlineConfig
@@ -51,6 +51,31 @@ def parse_budgets(text: str) -> list[str]:
     for part in parts:
         parse_share(part, 1 << 62, "--budget")
     return parts
+
+
+def parse_tiers(args: argparse.Namespace) -> list[dict]:
+    """SimConfig's tier fields for each `--remote-share` (and, with `--placement-blind`, each tiered one again
+    planning with one link time), checked now, before any trace is read."""
+    try:
+        remote_shares = [float(x) for x in args.remote_share.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--remote-share {args.remote_share!r}: comma-separated shares 0..1, e.g. 0,0.5") from None
+    if not remote_shares:
+        raise ValueError("--remote-share names no share; e.g. 0 or 0,0.5")
+    links = {
+        "remote": TierLink(float(parse_bytes(args.remote_bandwidth, "--remote-bandwidth")), args.remote_latency_ms),
+        "nvme": TierLink(float(parse_bytes(args.nvme_bandwidth, "--nvme-bandwidth")), args.nvme_latency_ms),
+    }
+    if min(args.remote_latency_ms, args.nvme_latency_ms) < 0 or min(t.bandwidth for t in links.values()) <= 0:
+        raise ValueError("tier bandwidths must be positive and latencies >= 0")
+    out = []
+    for share in remote_shares:
+        tiers = {"remote_share": share, "nvme_share": args.nvme_share, "placement_seed": args.placement_seed, **links}
+        SimConfig(**tiers)  # the shares' checks, now
+        out.append(tiers)
+        if args.placement_blind and (share or args.nvme_share):
+            out.append({**tiers, "placement_aware": False})
+    return out
 
 
 def budget_share(text: str, trace: Trace, expert_bytes: int) -> float:
@@ -109,6 +134,22 @@ def add_subcommands(subparsers) -> None:
     )
     p.add_argument("--max-sequences", type=int, help="replay only the first N sequences of each trace")
     p.add_argument("--empty-per-sequence", action="store_true", help="empty the cache when a sequence starts")
+    p.add_argument(
+        "--remote-share",
+        default="0",
+        help="comma-separated shares 0..1 of the experts on another store node, each a run (e.g. 0,0.5)",
+    )
+    p.add_argument("--nvme-share", type=float, default=0.0, help="share 0..1 of the experts read from NVMe")
+    p.add_argument("--remote-bandwidth", default="3GB/s", help="another node to host memory, bytes per second")
+    p.add_argument("--remote-latency-ms", type=float, default=0.1, help="per remote expert: a request's round trip")
+    p.add_argument("--nvme-bandwidth", default="6GB/s", help="NVMe to host memory, bytes per second")
+    p.add_argument("--nvme-latency-ms", type=float, default=0.1, help="per NVMe expert: a read's setup")
+    p.add_argument("--placement-seed", type=int, default=0, help="which experts the shares draw")
+    p.add_argument(
+        "--placement-blind",
+        action="store_true",
+        help="also run each tiered config planning with one link time for every key (what per-key times buy)",
+    )
     p.add_argument("--plot", type=Path, help="write bytes and stall per token across budgets as a PNG")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
     p.set_defaults(orchestrator_command=_simulate)
@@ -177,6 +218,7 @@ def _simulate(args: argparse.Namespace) -> int:
         return 2
     budgets = parse_budgets(args.budget)
     bandwidth = float(parse_bytes(args.bandwidth, "--bandwidth"))
+    tier_configs = parse_tiers(args)
     train = _train_by_shape(args.train_traces)
     results = []
     for path in args.traces:
@@ -189,17 +231,22 @@ def _simulate(args: argparse.Namespace) -> int:
         shares = [budget_share(b, trace, expert_bytes) for b in budgets]
         inputs = _inputs(args, train.get(_shape(trace)), trace)
         # One bar step per (budget, policy) run: each replays the whole trace, the unit a user waits for.
-        with tqdm(total=len(shares) * len(policies), desc=path.stem, unit="run", file=sys.stderr) as bar:
-            for share in shares:
-                config = SimConfig(
-                    budget=share,
-                    bandwidth=bandwidth,
-                    expert_bytes=expert_bytes,
-                    layer_ms=args.layer_ms,
-                    empty_per_sequence=args.empty_per_sequence,
-                )
+        configs = [
+            SimConfig(
+                budget=share,
+                bandwidth=bandwidth,
+                expert_bytes=expert_bytes,
+                layer_ms=args.layer_ms,
+                empty_per_sequence=args.empty_per_sequence,
+                **tiers,
+            )
+            for share in shares
+            for tiers in tier_configs
+        ]
+        with tqdm(total=len(configs) * len(policies), desc=path.stem, unit="run", file=sys.stderr) as bar:
+            for config in configs:
                 for policy in policies:
-                    bar.set_postfix_str(f"budget {share:.3g}, {policy}")
+                    bar.set_postfix_str(f"budget {config.budget:.3g}, remote {config.remote_share:g}, {policy}")
                     results += compare(trace, [policy], config, inputs, label=path.stem)
                     bar.update()
     if args.json:

@@ -5,8 +5,12 @@ A pure function of one `PlanInput` (predictions, residency, the copy queue, meas
 
     deadline      a key (MoE layer l, expert e) is due when layer l next starts: this token for layers
                   >= `PlanInput.layer`, the next token for the layers before it
-    admission     keys likelier than `threshold`, earliest deadline first (likeliest first within a
-                  layer), each admitted only if one more transfer behind the queue still lands by its
+    transfer      each key's own time from its source into a slot (`PlanInput.key_ms`: local memory, another
+                  node, an NVMe file, as measured per source), or one link time for all (`transfer_ms`)
+    admission     keys likelier than `threshold`, latest start first (deadline less the key's transfer:
+                  a remote key is fetched before a local one due at the same time; with one transfer time
+                  for all keys this is earliest deadline first), likeliest first within a layer, each
+                  admitted only if its transfer behind the queue still lands by its
                   deadline plus the allowed lateness, and if it is worth its link time: p x (stall a
                   demand load would cost, less the lateness) > (1 - p) x transfer x (link busy share
                   + q), q the probability that the key it evicts is used at its next chance (it would
@@ -21,7 +25,8 @@ A pure function of one `PlanInput` (predictions, residency, the copy queue, meas
                   fetched key's deadline
 
 The caller executes a plan in order: cancel, evict, then queue `fetch` behind any demand loads, keeping
-its queue earliest deadline first. Misses at execution time are the caller's (loaded at top priority).
+its queue by latest start (deadline less the key's transfer time), as here. Misses at execution time are
+the caller's (loaded at top priority).
 
 Not for: predicting routes (predictor/), moving bytes or owning slots (expert_store/), measuring time.
 The frozen types it trades in (`Plan`, `Transfer`, `InFlight`, `CacheView`) are expert_store/plan.py's.
@@ -46,7 +51,7 @@ class PlanConfig:
     # stall and bytes on the validation traces in the simulator (0.1-0.5 tried, activation-matrix
     # predictions standing in for the learned ones): lower thresholds mostly add wasted copies.
     threshold: float = 0.35
-    # How late a prefetch may land after its layer starts. None: one transfer time, since a prefetch
+    # How late a prefetch may land after its layer starts. None: its own transfer time, since a prefetch
     # landing later than that saves nothing over the demand load issued when the layer starts.
     max_lateness_ms: float | None = None
     # A resident key is evicted for a fetch only if its expected next use is this many tokens later than
@@ -73,13 +78,21 @@ class PlanInput:
     # eviction reads it: a key not predicted for the next chance but used every few tokens should stay.
     rate: np.ndarray | None = None
     link_busy: float = 0.0  # share of recent time the link spent copying, 0..1 (measured by the caller)
+    # [L, E] each key's time from its source into a slot (CacheView.key_ms()); None: `transfer_ms` for every key
+    key_ms: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n_layers = self.probs.shape[0]
         if self.resident.shape != self.probs.shape or len(self.layer_ms) != n_layers:
             raise ValueError("plan input: probs, resident and layer_ms disagree on the number of layers/experts")
+        if self.key_ms is not None and self.key_ms.shape != self.probs.shape:
+            raise ValueError(f"plan input: key_ms {self.key_ms.shape} for {self.probs.shape} experts")
         if not 0 <= self.layer <= n_layers:
             raise ValueError(f"plan input: layer {self.layer} outside 0..{n_layers}")
+
+    def transfer(self, key: ExpertKey) -> float:
+        """`key`'s expected time from its source into a slot."""
+        return self.transfer_ms if self.key_ms is None else float(self.key_ms[key])
 
     @classmethod
     def of(
@@ -99,6 +112,7 @@ class PlanInput:
             pinned=view.pinned,
             rate=rate,
             link_busy=view.link_busy,
+            key_ms=view.key_ms(),
         )
 
 
@@ -135,13 +149,14 @@ def plan(inp: PlanInput, config: PlanConfig = PlanConfig(), use_ms: np.ndarray |
     probs = inp.probs
     starts = layer_starts(inp.layer, inp.next_start_ms, inp.layer_ms)
     use = next_use_ms(inp) if use_ms is None else use_ms
-    lateness = inp.transfer_ms if config.max_lateness_ms is None else config.max_lateness_ms
     margin = config.swap_margin_tokens * float(sum(inp.layer_ms))
     free = inp.n_slots - int(inp.resident.sum()) - len(inp.in_flight)
     # The queue is served in order, so new transfers land one transfer apart after the started ones.
     clock = max([f.eta_ms for f in inp.in_flight if f.started], default=inp.now_ms)
     cancel: list[ExpertKey] = []
-    queue: list[tuple[float, float, bool, ExpertKey]] = []  # (deadline, -p, new, key)
+    # (latest start, deadline, -p, new, key): the deadline breaks ties the subtraction's rounding makes, so one
+    # transfer time for all keys orders exactly by deadline
+    queue: list[tuple[float, float, float, bool, ExpertKey]] = []
     flying = set()
     for f in inp.in_flight:
         flying.add(f.key)
@@ -149,23 +164,27 @@ def plan(inp: PlanInput, config: PlanConfig = PlanConfig(), use_ms: np.ndarray |
             continue
         p = float(probs[f.key])
         if f.key in inp.pinned:
-            queue.append((-np.inf, -1.0, False, f.key))  # a demand load: first in any queue
+            queue.append((-np.inf, -np.inf, -1.0, False, f.key))  # a demand load: first in any queue
         elif p <= config.threshold:
             cancel.append(f.key)
             free += 1
         else:
-            queue.append((float(starts[f.key[0]]), -p, False, f.key))
+            deadline = float(starts[f.key[0]])
+            queue.append((deadline - inp.transfer(f.key), deadline, -p, False, f.key))
     layers, experts = np.nonzero((probs > config.threshold) & ~inp.resident)
     for key in map(ExpertKey, layers.tolist(), experts.tolist()):
         if key not in flying:
-            queue.append((float(starts[key[0]]), -float(probs[key]), True, key))
+            deadline = float(starts[key[0]])
+            queue.append((deadline - inp.transfer(key), deadline, -float(probs[key]), True, key))
     queue.sort()
 
     fetch: list[Transfer] = []
     evict: list[ExpertKey] = []
     order: list[ExpertKey] | None = None  # resident keys, furthest expected use first; built when first needed
-    for deadline, neg_p, new, key in queue:
-        eta = clock + inp.transfer_ms
+    for _, deadline, neg_p, new, key in queue:
+        transfer = inp.transfer(key)
+        eta = clock + transfer
+        lateness = transfer if config.max_lateness_ms is None else config.max_lateness_ms
         if eta > deadline + lateness and key not in inp.pinned:
             if not new:
                 cancel.append(key)
@@ -185,8 +204,8 @@ def plan(inp: PlanInput, config: PlanConfig = PlanConfig(), use_ms: np.ndarray |
             # evicted must come back if that one is used at its next chance (q): one more transfer.
             p = -neg_p
             q = 0.0 if out is None else float(probs[out])
-            saved = inp.transfer_ms - max(0.0, eta - deadline)
-            if p * saved < (1.0 - p) * inp.transfer_ms * (inp.link_busy + q):
+            saved = transfer - max(0.0, eta - deadline)
+            if p * saved < (1.0 - p) * transfer * (inp.link_busy + q):
                 continue
             if out is None:
                 free -= 1

@@ -34,7 +34,11 @@ def load_results(path: str | Path) -> list[SimResult]:
 
 
 def regime(r: SimResult) -> str:
-    return f"{r.expert_bytes / 2**20:.3g} MiB/expert, {r.bandwidth / 1e9:.3g} GB/s, {r.layer_ms:g} ms/layer"
+    text = f"{r.expert_bytes / 2**20:.3g} MiB/expert, {r.bandwidth / 1e9:.3g} GB/s, {r.layer_ms:g} ms/layer"
+    if r.remote_share or r.nvme_share:  # results from before tiers have neither: their regime reads as it did
+        text += f", {100 * r.remote_share:g}% remote, {100 * r.nvme_share:g}% NVMe"
+        text += "" if r.placement_aware else ", planned with one link time"
+    return text
 
 
 def format_table(results: Sequence[SimResult]) -> str:

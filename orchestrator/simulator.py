@@ -9,8 +9,11 @@ a request whose id is its index):
                        priority into a free slot or one the eviction policy frees; the layer waits
                        for all its keys (stall), then computes for `layer_ms`, and as it starts the
                        prefetcher's after_layer plans (with the trace's gate speculation for layer j+1)
-    copy engine        one link: a transfer takes expert_bytes / bandwidth, one at a time, demand loads
-                       first, prefetches by deadline (copy_engine.py)
+    copy engine        one queue: a transfer takes expert_bytes / bandwidth from local memory, and from another
+                       store node or an NVMe file that tier's latency + expert_bytes / its bandwidth more
+                       (SimConfig.remote, .nvme; which experts sit there: remote_share, nvme_share, a seeded
+                       draw), one at a time, demand loads first, prefetches by latest start (copy_engine.py);
+                       the view carries each key's source and each source's time, as the live cache's does
     cache              budget x (MoE layers x experts) slots, global across layers as in the live
                        engine; a slot is taken when its copy is queued. The cache is NOT emptied when a
                        sequence starts (a server's cache outlives requests) unless `empty_per_sequence`
@@ -32,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from expert_store.keys import ExpertKey
-from expert_store.plan import CacheView, Plan
+from expert_store.plan import SOURCES, CacheView, Plan, Source, key_ms
 from orchestrator.copy_engine import CopyEngine
 from orchestrator.expertflow import ExpertFlowConfig
 from orchestrator.policies import CachePolicy, PolicyInputs, PolicyUnavailable, make_policy
@@ -46,16 +49,63 @@ _LINK_WEIGHT = 0.25  # weight of the last token in the link's busy share (about 
 
 
 @dataclass(frozen=True)
+class TierLink:
+    """How a tier below host memory delivers one expert into a host staging buffer."""
+
+    bandwidth: float  # bytes/s
+    latency_ms: float = 0.0  # per expert: a request's round trip, an NVMe read's setup
+
+    def read_ms(self, nbytes: int) -> float:
+        return self.latency_ms + nbytes / self.bandwidth * 1e3
+
+
+@dataclass(frozen=True)
 class SimConfig:
     budget: float = 0.25  # share of all routed experts (MoE layers x experts) the cache holds
     bandwidth: float = 55e9  # bytes/s, host to device
     expert_bytes: int = 3 * 256 * 320 * 2
     layer_ms: float = 0.05  # compute time of one MoE layer's whole block (attention included)
     empty_per_sequence: bool = False
+    # Shares of the experts (a seeded draw over every key) served from another store node and from NVMe; the
+    # rest are in local memory. A remote or NVMe expert takes its tier's read, then the device copy.
+    remote_share: float = 0.0
+    nvme_share: float = 0.0
+    # 25 GbE between hosts (3.1 GB/s at best; bench/fetch_transport.py measures what gRPC gets of a link) and a
+    # round trip; a PCIe 4 NVMe drive's sequential read and its setup
+    remote: TierLink = TierLink(bandwidth=3e9, latency_ms=0.1)
+    nvme: TierLink = TierLink(bandwidth=6e9, latency_ms=0.1)
+    placement_seed: int = 0
+    # False: the prefetcher and the queue see one link time for every key (the planner before tiers) while the
+    # copies still take their tier's time; what planning with each key's source buys
+    placement_aware: bool = True
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.remote_share <= 1 and 0 <= self.nvme_share <= 1 and self.remote_share + self.nvme_share <= 1):
+            raise ValueError(f"remote_share {self.remote_share} + nvme_share {self.nvme_share}: each and both in 0..1")
 
     @property
     def transfer_ms(self) -> float:
         return self.expert_bytes / self.bandwidth * 1e3
+
+    @property
+    def source_ms(self) -> tuple[float, ...]:
+        """One expert into a slot from each source (SOURCES order): the device copy, after the tier's read."""
+        reads = {Source.LOCAL: 0.0, Source.REMOTE: self.remote.read_ms(self.expert_bytes)}
+        reads[Source.NVME] = self.nvme.read_ms(self.expert_bytes)
+        return tuple(self.transfer_ms + reads[s] for s in SOURCES)
+
+    def sources(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """[L, E] each key's source (SOURCES codes): `remote_share` of the keys remote, `nvme_share` on NVMe, drawn
+        with `placement_seed`; None when every expert is local (the one-link model, exactly as before tiers)."""
+        if not self.remote_share and not self.nvme_share:
+            return None
+        total = shape[0] * shape[1]
+        order = np.random.default_rng(self.placement_seed).permutation(total)
+        codes = np.zeros(total, np.uint8)
+        n_remote, n_nvme = round(self.remote_share * total), round(self.nvme_share * total)
+        codes[order[:n_remote]] = SOURCES.index(Source.REMOTE)
+        codes[order[n_remote : n_remote + n_nvme]] = SOURCES.index(Source.NVME)
+        return codes.reshape(shape)
 
     def n_slots(self, trace: Trace) -> int:
         """Whole slots within the budget, but never fewer than one layer's top_k (a layer must fit)."""
@@ -74,6 +124,9 @@ class SimResult:
     layer_ms: float
     predictor: str = ""
     na: str | None = None  # why the policy could not run on this trace
+    remote_share: float = 0.0  # of the experts, served by another store node
+    nvme_share: float = 0.0  # of the experts, read from NVMe
+    placement_aware: bool = True  # the planner saw each key's source and time (SimConfig.placement_aware)
     tokens: int = 0
     uses: int = 0  # (token, layer, expert) uses
     hits: int = 0  # landed when needed
@@ -129,8 +182,12 @@ class _Replay:
     def __init__(self, trace: Trace, policy: CachePolicy, config: SimConfig):
         self.trace, self.config = trace, config
         self.eviction, self.prefetcher = policy.eviction, policy.prefetcher
-        self.engine = CopyEngine(config.transfer_ms)
         n_layers = len(trace.info.moe_layers)
+        self.sources = config.sources((n_layers, trace.info.n_experts))
+        self.source_ms = config.source_ms if self.sources is not None else ()
+        self.engine = CopyEngine(
+            config.transfer_ms, key_ms(self.sources, self.source_ms), by_latest_start=config.placement_aware
+        )
         self.n_slots = config.n_slots(trace)
         self.layer_ms = (float(config.layer_ms),) * n_layers
         self.arrived = np.zeros((n_layers, trace.info.n_experts), bool)  # [L, E] landed in a slot
@@ -158,6 +215,8 @@ class _Replay:
             layer_ms=self.layer_ms,
             transfer_ms=self.config.transfer_ms,
             link_busy=self.link_busy,
+            sources=self.sources if self.config.placement_aware else None,
+            source_ms=self.source_ms if self.config.placement_aware else (),
         )
 
     def run(self) -> dict:
@@ -227,7 +286,7 @@ class _Replay:
 
     def _measure_link(self) -> None:
         """Update the link's busy share with the last token's: copies started over time elapsed."""
-        busy = self.engine.started * self.config.transfer_ms
+        busy = self.engine.busy_ms
         elapsed = self.now_ms - self._mark[0]
         if elapsed > 0:
             share = min(1.0, (busy - self._mark[1]) / elapsed)
@@ -324,6 +383,9 @@ def simulate(trace: Trace, policy: CachePolicy, config: SimConfig, label: str = 
         bandwidth=config.bandwidth,
         layer_ms=config.layer_ms,
         predictor=_predictor_label(policy),
+        remote_share=config.remote_share,
+        nvme_share=config.nvme_share,
+        placement_aware=config.placement_aware,
     )
     return SimResult(**head, **_Replay(trace, policy, config).run())
 
@@ -353,6 +415,9 @@ def compare(
                     config.bandwidth,
                     config.layer_ms,
                     na=str(why),
+                    remote_share=config.remote_share,
+                    nvme_share=config.nvme_share,
+                    placement_aware=config.placement_aware,
                 )
             )
             continue

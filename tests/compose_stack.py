@@ -1,7 +1,7 @@
 """compose.yaml as data, for the tests that run it: as plain local processes (test_compose.py) and with Docker
 (test_docker.py). Reads the services, their commands, environment, healthchecks, ports and mounted config, and
 runs a set of them here with exactly those commands, the config rewritten from container addresses to free
-loopback ports.
+loopback ports (and compose's redis, the expert store's directory, as a redis-server here).
 
 Not for: deciding anything about deployment; compose.yaml and docker/expertflow.toml do.
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from expertflow.services.config import ServicesConfig
+from redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "compose.yaml"
@@ -29,7 +30,8 @@ COMPOSE_FILE = REPO / "compose.yaml"
 SECTIONS = {"expert-store": "expert_store", "predictor": "predictor", "orchestrator": "orchestrator",
             "worker": "worker", "api": "api"}  # fmt: skip
 # the config keys that hold another service's address, by section
-ADDRESS_KEYS = {"worker": ("store", "orchestrator"), "orchestrator": ("predictor",), "api": ("worker",)}
+ADDRESS_KEYS = {"worker": ("store", "orchestrator"), "orchestrator": ("predictor",), "api": ("worker",),
+                "expert_store": ("directory",)}  # fmt: skip
 _VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
 
@@ -138,14 +140,27 @@ def _port(address: str) -> int:
 
 
 def rewire(
-    config: ServicesConfig, services: dict[str, Service], running: list[str], where: dict[tuple[str, int], str]
+    config: ServicesConfig,
+    services: dict[str, Service],
+    running: list[str],
+    where: dict[tuple[str, int], str],
+    redis_url: str = "",
 ) -> ServicesConfig:
     """The config with every address that names a compose service (`gpu-worker:50051`) replaced by where that
-    service is reachable (`where[(service, port)]`), or emptied (the in-process default) when it is not running."""
+    service is reachable (`where[(service, port)]`), or emptied (the in-process default) when it is not running.
+    A Redis URL (`redis://redis:6379`: the expert store's directory) becomes `redis_url`; the worker's store
+    through it is emptied too when no expert-store node runs."""
+    stores = [n for n in running if services[n].subcommand == "expert-store"]
     for section, keys in ADDRESS_KEYS.items():
         for key in keys:
             value = getattr(getattr(config, section), key)
             if not value:
+                continue
+            if value.startswith("redis://"):
+                host = value.removeprefix("redis://").rsplit(":", 1)[0]
+                assert host in services, f"[{section}] {key} = {value!r} names no service of compose.yaml"
+                needed = section == "expert_store" or stores
+                config = config.override(section, **{key: redis_url if needed else ""})
                 continue
             host, port = value.rsplit(":", 1)
             assert host in services, f"[{section}] {key} = {value!r} names no service of compose.yaml"
@@ -181,7 +196,12 @@ class LocalStack:
             config = config.override(section, listen=here).override("metrics", **{section: free_port()})
         assert config.metrics.host == "0.0.0.0", "[metrics] host: in a container a scraper needs 0.0.0.0"
         config = config.override("metrics", host="127.0.0.1")
-        self.config = rewire(config, services, self.names, self.local)
+        self.redis: RedisServer | None = None
+        if any(s.subcommand == "expert-store" for s in (services[n] for n in self.names)) and (
+            config.expert_store.directory.startswith("redis://")
+        ):  # the directory: a redis-server here, as compose's redis service
+            self.redis = RedisServer(workdir / "redis")
+        self.config = rewire(config, services, self.names, self.local, self.redis.url if self.redis else "")
         self.config_file = workdir / "expertflow.toml"
         self.config_file.write_text(self.config.to_toml())
 
@@ -215,6 +235,8 @@ class LocalStack:
 
     def __enter__(self) -> LocalStack:
         try:
+            if self.redis is not None:
+                self.redis.start()
             for name in self.names:
                 log = open(self.workdir / f"{name}.log", "w")
                 env = {**os.environ, **self.services[name].environment}
@@ -251,3 +273,5 @@ class LocalStack:
             except subprocess.TimeoutExpired:
                 process.kill()
                 self.codes[name] = process.wait()
+        if self.redis is not None:
+            self.redis.stop()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import prompt_ids
+from expert_store.keys import ExpertKey
+from expert_store.store import ExpertStore
 from expertflow.batching import BatchEngine
 from expertflow.engine import Engine
 from expertflow.loader import LoadOptions, load
 from expertflow.requests import RequestError, SamplingParams
+from expertflow.services.store_server import ServedModel
 
 
 @pytest.fixture
@@ -108,3 +112,65 @@ def test_cancel_frees_the_row_and_bad_requests_are_refused(loaded):
     while not batch.idle:
         batch.step()
     assert len(long.tokens) == 4 and long.finish_reason == "length"
+
+
+class _LostExpert(ExpertStore):
+    """Every expert of `inner` but `lost`, whose reads fail as a store node's that is gone (a real store whose
+    one expert cannot be read, not a mock)."""
+
+    def __init__(self, inner: ExpertStore, lost: ExpertKey) -> None:
+        self.inner, self.lost, self.layout = inner, lost, inner.layout
+
+    def keys(self):
+        return self.inner.keys()
+
+    def tier(self, key):
+        return self.inner.tier(key)
+
+    def host_view(self, key):
+        return None if key == self.lost else self.inner.host_view(key)
+
+    def read_into(self, key, out):
+        if key == self.lost:
+            raise OSError(f"expert {tuple(key)}: every store node holding it is gone")
+        return self.inner.read_into(key, out)
+
+
+def test_an_expert_that_cannot_be_read_fails_only_the_requests_that_need_it(tiny_models):
+    directory = tiny_models["mixtral"][0]
+    params = SamplingParams(max_new_tokens=2, stop_on_eos=False)
+    prompts = [prompt_ids(300 + i, 2) for i in range(8)]  # short: each touches few experts
+    served = ServedModel.open(directory, "100%", torch.float32)
+    inner = served.load()
+    try:
+        intact = load(directory, LoadOptions(expert_budget="25%", policy="lru"), store=inner)
+        expected = [_alone(intact, p, params) for p in prompts]
+        intact.close()
+
+        def run(lost: ExpertKey, batch_prompts: list) -> list:
+            loaded = load(directory, LoadOptions(expert_budget="25%", policy="lru"), store=_LostExpert(inner, lost))
+            try:
+                batch = BatchEngine(loaded, rows=8, max_len=32, max_batch=8)
+                requests = [batch.submit(p, params) for p in batch_prompts]
+                while not batch.idle:
+                    batch.step()
+                batch.close()
+                return requests
+            finally:
+                loaded.close()
+
+        # an expert that some of the prompts need and some do not (each alone tells which)
+        for lost in [ExpertKey(layer, e) for layer in (2, 1, 0) for e in range(8)]:
+            needs = [run(lost, [p])[0].finish_reason == "error" for p in prompts]
+            if 0 < sum(needs) < len(prompts):
+                break
+        else:
+            pytest.fail("no expert splits the prompts")
+        together = run(lost, prompts)  # one batch: a step fails, its requests re-run alone
+        for request, need, want in zip(together, needs, expected):
+            if need:
+                assert request.finish_reason == "error" and f"expert {tuple(lost)}" in request.error
+            else:
+                assert request.finish_reason == "length" and request.tokens == want
+    finally:
+        inner.close()

@@ -1,7 +1,8 @@
 """compose.yaml cannot drift from the code: every ExpertFlow service it declares runs here as a plain local
 process with exactly its command, environment and mounted config (docker/expertflow.toml, its container
-addresses rewritten to free loopback ports), passes its own healthcheck, and the stack generates through gRPC
-and HTTP. No Docker needed; redis (not our code) runs in test_docker.py. The compose files must also be valid for
+addresses rewritten to free loopback ports; compose's redis, the expert store's directory, a redis-server here),
+passes its own healthcheck, and the stack generates through gRPC and HTTP. No Docker needed; the redis image
+runs in test_docker.py. The compose files must also be valid for
 every Compose found here (docker-compose v1.29, Compose v2)."""
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def test_compose_services_run_as_declared(profile, tmp_path):
     [worker] = [n for n in names if ours[n].subcommand == "worker"]
     [api] = [n for n in names if ours[n].subcommand == "api"]
     with LocalStack(services, names, tmp_path) as stack:
+        if profile == "all":  # the expert store scaled out (one node here), found through the directory
+            assert stack.config.worker.store.startswith("redis://") and stack.redis is not None
         with InferenceClient(stack.address(worker), timeout_s=120) as client:
             direct = client.complete("def main():", max_new_tokens=12)
         http = openai.OpenAI(base_url=f"http://{stack.address(api)}/v1", api_key="unused", max_retries=0)

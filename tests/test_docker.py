@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -120,15 +122,29 @@ class Compose:
         return self.run("logs", "--no-color", "--tail", "60", check=False).stdout[-8000:]
 
 
-def test_compose_stack_answers_through_grpc_and_http(images, tmp_path):
-    services = load_compose()
+@contextmanager
+def brought_up(images: tuple[str, str], *up_args: str) -> Iterator[tuple[Compose, int, int]]:
+    """`up -d` on free ports: (the project, the worker's port, the API's); its logs printed if the block fails,
+    brought down (volumes too) after it, always."""
     worker_port, api_port = free_port(), free_port()
     env = {"EXPERTFLOW_IMAGE": images[0], "EXPERTFLOW_REDIS_IMAGE": images[1],
            "EXPERTFLOW_WORKER_PORT": str(worker_port), "EXPERTFLOW_API_PORT": str(api_port)}  # fmt: skip
-    names = list(services)
     stack = Compose(env)
     try:
-        stack.run("up", "-d")
+        stack.run("up", "-d", *up_args)
+        yield stack, worker_port, api_port
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        down = stack.run("down", "-v", "--timeout", "60", check=False)
+    assert down.returncode == 0, down.stderr
+
+
+def test_compose_stack_answers_through_grpc_and_http(images, tmp_path):
+    services = load_compose()
+    names = list(services)
+    with brought_up(images) as (stack, worker_port, api_port):
         stack.wait_healthy(names)
         assert stack.run("exec", "-T", "redis", "redis-cli", "ping").stdout.strip() == "PONG"
         with InferenceClient(f"127.0.0.1:{worker_port}", timeout_s=120) as client:
@@ -150,12 +166,32 @@ def test_compose_stack_answers_through_grpc_and_http(images, tmp_path):
             if service == "gpu-worker":
                 moved = [line for line in text.splitlines() if line.startswith('expertflow_expert_bytes_total{tier="host"}')]
                 assert moved and float(moved[0].split()[-1]) > 0, text
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        down = stack.run("down", "-v", "--timeout", "60", check=False)
-    assert down.returncode == 0, down.stderr
+
+
+def test_compose_scales_the_expert_store(images, tmp_path):
+    """`up --scale expert-store=3`: three nodes register in compose's redis, each expert on two of them, and the
+    worker generates what this checkout generates, its experts from its own node's shared memory and the others'
+    over gRPC."""
+    with brought_up(images, "--scale", "expert-store=3", "gpu-worker") as (stack, worker_port, _):  # + its deps
+        stack.wait_healthy(["expert-store", "gpu-worker"])
+        assert len(stack.run("ps", "-q", "expert-store").stdout.split()) == 3
+
+        read = ("import json; from expertflow.services.redis_directory import RedisDirectory as R; "
+                "d = R.from_url('redis://redis:6379'); s = d.snapshot(d.current()); "
+                "print(json.dumps({n: len(s.held_by(n)) for n in s.nodes}))")  # fmt: skip
+
+        def held() -> dict[str, int]:
+            return json.loads(stack.run("exec", "-T", "gpu-worker", "python", "-c", read).stdout)
+
+        # rendezvous placement, 2 copies: each node about 2/3 of the model's 4 x 8 experts, once placement settled
+        deadline = time.monotonic() + 90
+        while (per_node := held()) and not (len(per_node) == 3 and sum(per_node.values()) == 2 * 32):
+            assert time.monotonic() < deadline, per_node
+            time.sleep(2)
+        assert all(n > 0 for n in per_node.values()), per_node
+        with InferenceClient(f"127.0.0.1:{worker_port}", timeout_s=120) as client:
+            direct = client.complete(PROMPT, max_new_tokens=16)
+        assert direct.token_ids == embedded_ids(PROMPT, 16)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import stat
@@ -24,6 +25,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from conftest import prompt_ids
+from expert_store.checkpoint import CheckpointFiles
 from expert_store.keys import ExpertKey
 from expert_store.store import Tier
 from expertflow.cli import main
@@ -176,7 +178,7 @@ def test_the_command_refuses_bad_input(mixtral_dir, tmp_path, capsys):
 def test_nvme_experts_come_through_fetch_and_unknown_keys_are_not_found(mixtral_dir):
     registry = CollectorRegistry()
     with serving(mixtral_dir, host_budget="0", registry=registry) as (address, svc, _):
-        store = RemoteExpertStore(address, chunk_bytes=16 << 10)
+        store = RemoteExpertStore(address, chunk_bytes=16 << 10, streams=2)
         try:
             assert store.host_kind == "fetch" and {store.tier(k) for k in store.keys()} == {Tier.NVME}
             assert_serves_the_checkpoint(store, mixtral_dir)
@@ -185,7 +187,7 @@ def test_nvme_experts_come_through_fetch_and_unknown_keys_are_not_found(mixtral_
         finally:
             store.close()
         stats = svc.stats()
-        assert (stats.experts_nvme, stats.experts_host, stats.fetches) == (24, 0, 24)
+        assert (stats.experts_nvme, stats.experts_host, stats.fetches) == (24, 0, 48)  # each expert as 2 ranges
         assert stats.bytes_sent == 24 * svc.layout.slot_nbytes
         assert registry.get_sample_value("expertflow_store_sent_bytes_total", {"tier": "nvme"}) == stats.bytes_sent
         assert registry.get_sample_value("expertflow_store_experts", {"tier": "nvme"}) == 24
@@ -225,7 +227,7 @@ class _Spoils(ExpertStoreServicer):
 @pytest.mark.parametrize("short", [False, True], ids=["corrupt-chunk", "short-stream"])
 def test_a_bad_stream_is_fetched_again(mixtral_dir, short):
     with serving(mixtral_dir, "0", functools.partial(_Spoils, short=short)) as (address, _, _):
-        store = RemoteExpertStore(address, chunk_bytes=4 << 10)
+        store = RemoteExpertStore(address, chunk_bytes=4 << 10, streams=1)
         try:
             out = torch.empty(store.layout.padded_numel)
             store.read_into(ExpertKey(1, 2), out)
@@ -234,10 +236,12 @@ def test_a_bad_stream_is_fetched_again(mixtral_dir, short):
             assert torch.equal(out, good) and store.refetches == 1
         finally:
             store.close()
-    with serving(mixtral_dir, "0", functools.partial(_Spoils, spoil=3)) as (address, _, _):
-        store = RemoteExpertStore(address, chunk_bytes=4 << 10, retries=2)
+    # each of the 3 whole attempts fetches the one range 3 times (store_fetch.RANGE_ATTEMPTS)
+    with serving(mixtral_dir, "0", functools.partial(_Spoils, spoil=9)) as (address, _, _):
+        store = RemoteExpertStore(address, chunk_bytes=4 << 10, streams=1, retries=2)
         try:
-            with pytest.raises(StoreFetchError, match=r"expert \(1, 2\) .* 3 attempts failed; the last: the chunk at"):
+            failed = r"expert \(1, 2\) .* 3 attempts failed; the last: bytes \[0, \d+\): 3 attempts failed; the last: the chunk at"
+            with pytest.raises(StoreFetchError, match=failed):
                 store.read_into(ExpertKey(1, 2), torch.empty(store.layout.padded_numel))
         finally:
             store.close()
@@ -265,17 +269,23 @@ def test_a_buffer_unlike_the_listing_is_refused(mixtral_dir):
             store.close()
 
 
-def test_the_model_version_follows_the_files_and_the_dtype(mixtral_dir):
+def test_the_model_version_follows_the_content_the_dtype_and_the_label(mixtral_dir, tmp_path):
     first = ServedModel.open(mixtral_dir, "0", torch.float32).version
-    assert ServedModel.open(mixtral_dir, "0", torch.float32).version == first
     assert ServedModel.open(mixtral_dir, "0", torch.bfloat16).version != first
-    weights = next(mixtral_dir.glob("*.safetensors"))
-    stat = weights.stat()
-    try:
-        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # rewritten in place, same size
-        assert ServedModel.open(mixtral_dir, "0", torch.float32).version != first
-    finally:
-        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert ServedModel.open(mixtral_dir, "0", torch.float32, version_label="tuned").version != first
+    copy = tmp_path / "copy"  # the same checkpoint on another host: other paths, other modification times
+    shutil.copytree(mixtral_dir, copy)
+    weights = next(copy.glob("*.safetensors"))
+    os.utime(weights, ns=(1, 1))
+    assert ServedModel.open(copy, "0", torch.float32).version == first
+    files = CheckpointFiles(copy)  # a fine-tune: same names, shapes and offsets, other weights
+    info = files.info(sorted(files.tensors)[0])
+    with open(weights, "r+b") as f:
+        f.seek(info.start)
+        byte = f.read(1)
+        f.seek(info.start)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert ServedModel.open(copy, "0", torch.float32).version != first
 
 
 class _Hangs(ExpertStoreServicer):

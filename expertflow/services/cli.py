@@ -48,7 +48,8 @@ def add_subcommands(sub) -> None:
     worker = sub.add_parser("worker", help="the gpu worker: the model, its expert cache, the inference API")
     _model_flags(worker)
     worker.add_argument("--listen", help="host:port of the inference API")
-    worker.add_argument("--store", help="the expert-store service's address (default: an in-process store)")
+    worker.add_argument("--store", help="the expert store: host:port (one node), redis://HOST:PORT (scaled out: "
+                        "its directory); default: in process")  # fmt: skip
     worker.add_argument("--orchestrator", help="the orchestrator's address (default: plan in process)")
     worker.add_argument("--scheduler", choices=("expertflow", "fifo"), help="how decodes are batched")
     worker.add_argument("--max-batch", type=int, help="decodes per step at most")

@@ -145,12 +145,16 @@ def run_until_stopped(
     log: logging.Logger,
     on_stop: Callable[[], None] | None = None,
     drain: Callable[[], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT; then `drain` (let requests in flight finish, while the server still
-    answers their streams), stop the server gracefully, and run `on_stop` (release shared memory, ...)."""
+    """Serve until SIGTERM or SIGINT (`on_start` runs once the server answers); then `drain` (let requests in
+    flight finish, while the server still answers their streams), stop the server gracefully, and run `on_stop`
+    (release shared memory, ...)."""
     server.start()
     log.info("serving", extra={"address": server.address})
     try:
+        if on_start is not None:
+            on_start()
         wait_for_signal(log)
     finally:
         server.health.enter_graceful_shutdown()  # load balancers and health checks see NOT_SERVING at once

@@ -1,9 +1,12 @@
 """One config file for every service: where each listens, what the worker serves, how it batches.
 
-    [model]          dir (default: the embedded model), device, dtype, expert_budget, host_budget, policy, predictor
+    [model]          dir (default: the embedded model), device, dtype, expert_budget, host_budget, policy, predictor,
+                     version_label (tells apart weights the content version cannot: store_wire.model_version)
     [worker]         listen, rows, max_len, max_batch, token_budget, scheduler ("expertflow" | "fifo"), max_wait,
-                     plan_timeout_ms, max_new_tokens, max_queue, store and orchestrator (addresses; empty: in process)
-    [expert_store]   listen (the host budget is [model] host_budget)
+                     plan_timeout_ms, max_new_tokens, max_queue, store and orchestrator (addresses; empty: in process;
+                     store "redis://HOST:PORT": the expert store scaled out, found through its directory)
+    [expert_store]   listen (the host budget is [model] host_budget); scaled out: directory (redis://HOST:PORT),
+                     shard ("I/N" or "auto"), replicas, node_id, advertise (host:port workers dial), ttl_s
     [predictor]      listen
     [orchestrator]   listen, predictor (address; empty: in process)
     [api]            listen (the OpenAI-compatible HTTP endpoint), worker (address)
@@ -36,6 +39,7 @@ class ModelConfig:
     host_budget: str = "100%"
     policy: str = "expertflow"
     predictor: str = ""  # empty: the model's own (expertflow prepare), else none
+    version_label: str = ""  # appended to the content version of the weights (stores and workers must agree)
 
 
 @dataclass(frozen=True)
@@ -50,13 +54,19 @@ class WorkerConfig:
     plan_timeout_ms: float = 2.0  # how long one prefetch event waits for the orchestrator's plan; then reactive loading
     max_new_tokens: int = 256  # a request's default and cap
     max_queue: int = 1024  # requests waiting at most; more get RESOURCE_EXHAUSTED
-    store: str = ""  # the expert-store service's address; empty: the worker's own in-process store
+    store: str = ""  # the expert store: "host:port" (one node), "redis://host:port" (scaled out), empty: in process
     orchestrator: str = ""  # the orchestrator's address; empty: the worker plans in process
 
 
 @dataclass(frozen=True)
 class StoreConfig:
     listen: str = "127.0.0.1:50061"
+    directory: str = ""  # redis://host:port: a node of a scaled-out store; empty: one store holding every expert
+    shard: str = "auto"  # with a directory: "I/N" (static, node I of N) or "auto" (rendezvous over the live nodes)
+    replicas: int = 2  # copies of each expert over the nodes (at most one per node)
+    node_id: str = ""  # empty: hostname:port
+    advertise: str = ""  # the address workers dial; empty: listen's, with this host's address for 0.0.0.0
+    ttl_s: float = 10.0  # a node that stops heartbeating leaves the directory after this long
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from collections.abc import Container, Iterable, Mapping, Sequence
 import numpy as np
 
 from expert_store.keys import ExpertKey
-from expert_store.plan import CacheView, InFlight, Plan, Transfer
+from expert_store.plan import SOURCES, CacheView, InFlight, Plan, Transfer
 from expertflow.v1 import common_pb2, orchestrator_pb2
 from orchestrator.prefetcher import LayerRoutes, StepRequest
 from predictor.base import RequestId
@@ -60,6 +60,8 @@ def view_to_proto(view: CacheView) -> orchestrator_pb2.CacheView:
         layer_ms=view.layer_ms,
         transfer_ms=view.transfer_ms,
         link_busy=view.link_busy,
+        sources=b"" if view.sources is None else np.ascontiguousarray(view.sources, np.uint8).tobytes(),
+        source_ms=view.source_ms,
     )
 
 
@@ -83,6 +85,18 @@ def view_from_proto(msg: orchestrator_pb2.CacheView, shape: Shape | None = None)
     if len(msg.layer_ms) != n_layers:
         raise MessageError(f"cache view: {len(msg.layer_ms)} layer times for {n_layers} MoE layers")
     resident = np.frombuffer(msg.resident, np.uint8).reshape(n_layers, n_experts).astype(bool)
+    sources = None
+    if msg.sources:
+        if len(msg.sources) != n_layers * n_experts:
+            raise MessageError(
+                f"cache view: sources has {len(msg.sources)} bytes, {n_layers} x {n_experts} experts need "
+                f"{n_layers * n_experts} (one byte per key, row-major), or none (every key local)"
+            )
+        sources = np.frombuffer(msg.sources, np.uint8).reshape(n_layers, n_experts).copy()
+        if int(sources.max()) >= len(SOURCES):
+            raise MessageError(f"cache view: source code {int(sources.max())}, not one of 0..{len(SOURCES) - 1}")
+    if msg.source_ms and len(msg.source_ms) != len(SOURCES):
+        raise MessageError(f"cache view: {len(msg.source_ms)} source times, one per source ({len(SOURCES)}) or none")
     return CacheView(
         now_ms=msg.now_ms,
         n_slots=msg.n_slots,
@@ -94,6 +108,8 @@ def view_from_proto(msg: orchestrator_pb2.CacheView, shape: Shape | None = None)
         layer_ms=tuple(msg.layer_ms),
         transfer_ms=msg.transfer_ms,
         link_busy=msg.link_busy,
+        sources=sources,
+        source_ms=tuple(msg.source_ms),
     )
 
 

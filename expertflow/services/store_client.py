@@ -4,9 +4,11 @@
     same host      Attach gives the shared-memory segments of the store's host tier; they are mapped here
                    (read-only where possible) and, on a CUDA device, registered with cudaHostRegister, so
                    `host_view` is a zero-copy, page-locked view and the cache copies from it as from its own
-    otherwise      (NVMe experts, or every expert when the store's host id is not this one) `stage` streams
-                   the expert with Fetch on a small pool of reader threads, checking each chunk's crc32 and the
-                   whole buffer against the crc32 the store listed; a bad stream is fetched again, a few times
+    otherwise      (NVMe experts, or every expert when the store's host id is not this one) `stage` fetches
+                   the expert on a small pool of reader threads as `streams` concurrent ranged Fetch streams of
+                   `chunk_bytes` chunks, straight into the staging buffer (store_fetch.py: each chunk's crc32 and
+                   the whole buffer's checked against the listing, a bad range fetched again from where it went
+                   wrong); a fetch that still fails is tried again whole, a few times
 
 Segments are opened as files under /dev/shm and mapped with mmap, not attached through
 multiprocessing.shared_memory, whose resource tracker (Python 3.11) unlinks at exit segments it did not create.
@@ -35,16 +37,17 @@ import torch
 
 from expert_store.keys import ExpertKey
 from expert_store.layout import ExpertLayout
+from expert_store.plan import Source
 from expert_store.store import ExpertStore, StagedRead, ThreadedRead, Tier
 from expertflow.services import store_wire
 from expertflow.services.security import Security, open_channel
+from expertflow.services.store_fetch import DEFAULT_FETCH_CHUNK_BYTES, DEFAULT_FETCH_STREAMS, fetch_expert
 from expertflow.services.store_wire import (
     MAX_MESSAGE_BYTES,
     BadStream,
+    chunk_size_error,
     dtype_of,
     key_from_proto,
-    key_to_proto,
-    receive,
 )
 from expertflow.v1 import expert_store_pb2 as pb
 from expertflow.v1 import expert_store_pb2_grpc
@@ -81,8 +84,11 @@ class RemoteExpertStore(ExpertStore):
     """The experts of the expert-store service at `address`, for a worker computing on `device`.
 
     `timeout_s` bounds each control call (and the wait for a store still starting), `fetch_timeout_s` each
-    expert's stream; `retries` more attempts follow a failed fetch; `host_id` None is this host's
-    (store_wire.host_id); any other value makes this client fetch everything, as a client on another host;
+    expert's fetch; `retries` more attempts follow a failed fetch; `readers` experts are fetched at once, each
+    as `streams` ranges of `chunk_bytes` chunks (0: store_fetch's measured defaults); `read_into` fetches on the
+    calling thread, ranges after the first on a pool of `readers * (streams - 1)` (a caller with its own reader
+    threads, store_cluster.py, calls it there); `host_id` None is this host's (store_wire.host_id); any other value
+    makes this client fetch everything, as a client on another host;
     `security` the TLS and token the store wants (security.py; None: plaintext, no token)."""
 
     def __init__(
@@ -95,22 +101,30 @@ class RemoteExpertStore(ExpertStore):
         retries: int = 2,
         readers: int = 2,
         chunk_bytes: int = 0,
+        streams: int = 0,
         host_id: str | None = None,
         security: Security | None = None,
     ) -> None:
-        if retries < 0 or readers < 1 or timeout_s <= 0 or fetch_timeout_s <= 0:
-            raise ValueError("retries >= 0, readers >= 1 and positive timeouts, please")
+        if retries < 0 or readers < 1 or streams < 0 or timeout_s <= 0 or fetch_timeout_s <= 0:
+            raise ValueError("retries >= 0, readers >= 1, streams >= 0 and positive timeouts, please")
+        problem = chunk_size_error(chunk_bytes)
+        if problem is not None:
+            raise ValueError(problem)
         self.address = address
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("a RemoteExpertStore for a CUDA device, but no CUDA device is available")
         self._timeout_s, self._fetch_timeout_s = timeout_s, fetch_timeout_s
-        self._retries, self._chunk_bytes = retries, chunk_bytes
+        self._retries = retries
+        self._chunk_bytes = chunk_bytes or DEFAULT_FETCH_CHUNK_BYTES
+        self._streams = streams or DEFAULT_FETCH_STREAMS
         self._lock = threading.Lock()
         self._refetches = 0
         self._mappings: list[_Mapping] = []
         self._views: dict[ExpertKey, torch.Tensor] = {}
+        self._same_host = False  # the store runs on this host (set once it says which host it is on)
         self._readers: ThreadPoolExecutor | None = None
+        self._ranges: ThreadPoolExecutor | None = None  # the ranges of a fetch after its first, for every reader
         self._security = security or Security()
         self._channel = open_channel(
             address,
@@ -132,10 +146,15 @@ class RemoteExpertStore(ExpertStore):
             attach = self._call("Attach", pb.AttachRequest())
             mine = host_id if host_id is not None else store_wire.host_id()
             self.host_kind = "fetch (the store is on another host)" if attach.host_id != mine else "fetch"
+            self._same_host = attach.host_id == mine
             if attach.host_id == mine and attach.segments:
                 self._map(attach)
             if len(self._views) < len(self._tiers):
                 self._readers = ThreadPoolExecutor(readers, thread_name_prefix="expert-store-fetch")
+                if self._streams > 1:
+                    self._ranges = ThreadPoolExecutor(
+                        readers * (self._streams - 1), thread_name_prefix="expert-store-range"
+                    )
         except BaseException:
             self.close()
             raise
@@ -257,7 +276,7 @@ class RemoteExpertStore(ExpertStore):
     # -- the contract ----------------------------------------------------------------------------------------
     @property
     def refetches(self) -> int:
-        """Fetches repeated after a bad or broken stream, so far."""
+        """Fetches, and ranges of fetches, repeated after a bad or broken stream, so far."""
         return self._refetches
 
     def keys(self) -> list[ExpertKey]:
@@ -267,6 +286,14 @@ class RemoteExpertStore(ExpertStore):
         """The tier the store holds the expert in (a client on another host fetches host-tier experts too)."""
         self._check(key)
         return self._tiers[key]
+
+    def source(self, key: ExpertKey) -> Source:
+        """LOCAL: mapped from the store's shared memory; fetched: NVME if the store is on this host and reads it from
+        its file, else REMOTE (another host, or this host's store memory that could not be mapped here)."""
+        self._check(key)
+        if key in self._views:
+            return Source.LOCAL
+        return Source.NVME if self._same_host and self._tiers[key] is Tier.NVME else Source.REMOTE
 
     def host_view(self, key: ExpertKey) -> torch.Tensor | None:
         self._check(key)
@@ -318,15 +345,20 @@ class RemoteExpertStore(ExpertStore):
     def _fetch_once(self, key: ExpertKey, flat: np.ndarray) -> None:
         if self._channel is None:
             raise StoreFetchError(f"expert {tuple(key)}: the store client is closed")
-        request = pb.FetchRequest(key=key_to_proto(key), chunk_bytes=self._chunk_bytes)
-        stream = self._stub.Fetch(request, timeout=self._fetch_timeout_s)
-        try:
-            crc = receive(stream, flat)
-        finally:
-            stream.cancel()  # a stream left early stops at the server too; after its end, a no-op
-        if crc != self._crcs[key]:
-            listed = self._crcs[key]
-            raise BadStream(f"the buffer's crc32 is {crc:#010x}, the store listed {listed:#010x} (its files changed?)")
+        deadline = time.monotonic() + self._fetch_timeout_s
+        refetched = fetch_expert(
+            self._stub,
+            key,
+            flat,
+            self._crcs[key],
+            chunk_bytes=self._chunk_bytes,
+            streams=self._streams,
+            deadline=deadline,
+            pool=self._ranges,
+        )
+        if refetched:
+            with self._lock:
+                self._refetches += refetched
 
     def close(self) -> None:
         """Stop the readers (closing the channel ends fetches under way), unregister and unmap the segments."""
@@ -336,4 +368,7 @@ class RemoteExpertStore(ExpertStore):
         if self._readers is not None:
             self._readers.shutdown(wait=True, cancel_futures=True)
             self._readers = None
+        if self._ranges is not None:  # after the readers: a fetch still running hands ranges to this pool
+            self._ranges.shutdown(wait=True, cancel_futures=True)
+            self._ranges = None
         self._unmap()

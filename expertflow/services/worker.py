@@ -5,6 +5,8 @@
                          sampled, and ends the stream with the finish reason
     Cancel(id)        -> the request leaves the batch at the next step; its stream ends "cancelled"
     a client gone     -> its request is cancelled, so its row serves the next one
+    an expert lost    -> (every store node holding it is gone) the requests that need it end with UNAVAILABLE
+                         and the expert named; their rows serve the next ones, the others carry on
 
 One thread (`_EngineLoop`) owns the model and steps the BatchEngine; the gRPC threads only hand it requests and
 read their events. Stopping: new requests are refused (UNAVAILABLE, health NOT_SERVING), requests in flight get
@@ -39,6 +41,10 @@ from expertflow.tokenizer import IncrementalText, TextCodec
 from expertflow.v1 import inference_pb2, inference_pb2_grpc
 
 FINISH = {"eos": "stop", "length": "length", "cancelled": "cancelled"}
+
+
+class ExpertsUnavailable(Exception):
+    """A request ended because an expert it needs could not be read (batching.py: finish reason "error")."""
 
 
 @dataclass
@@ -90,6 +96,8 @@ class WorkerMetrics:
         self.recall.set(float("nan"))
 
     def step(self, report: StepReport) -> None:
+        if not report.ran:  # a step that failed reading an expert: nothing ran
+            return
         s = report.stats
         self.batch.observe(len(report.ran))
         self.tokens.inc(len(report.ran))
@@ -205,6 +213,12 @@ class _EngineLoop:
             elif request.id in self._last_token:
                 self.metrics.itl.observe(now - self._last_token[request.id])
             self._last_token[request.id] = now
+        if request.finish_reason == "error":
+            ticket.events.put(ExpertsUnavailable(request.error))
+            self.metrics.requests.labels("error").inc()
+            del self._tickets[request.id]
+            self._last_token.pop(request.id, None)
+            return
         if request.finish_reason is None:
             text = ticket.text.push(tokens) if ticket.text is not None else ""
             if ticket.text is not None and ticket.text.stopped:  # a stop string: the request is done
@@ -257,6 +271,9 @@ class Worker(inference_pb2_grpc.InferenceServicer):
             if isinstance(event, RequestError):
                 ticket.done = True
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(event))
+            if isinstance(event, ExpertsUnavailable):  # worth retrying once the store nodes are back
+                ticket.done = True
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(event))
             if isinstance(event, BaseException):
                 ticket.done = True
                 context.abort(grpc.StatusCode.INTERNAL, str(event))
@@ -383,9 +400,7 @@ def load_model(config: ServicesConfig, security: Security | None = None) -> Load
     )
     if not config.worker.store:
         return load(directory, options)
-    from expertflow.services.store_client import RemoteExpertStore
-
-    store = RemoteExpertStore(config.worker.store, device, security=security)
+    store = _expert_store(config, directory, device, security)
     try:
         loaded = load(directory, options, store=store)
     except BaseException:
@@ -393,6 +408,23 @@ def load_model(config: ServicesConfig, security: Security | None = None) -> Load
         raise
     loaded.owns_store = True  # the worker's own connection: closed with the model
     return loaded
+
+
+def _expert_store(config: ServicesConfig, directory: Path, device: str, security: Security):
+    """[worker] store: one expert-store node at host:port, or a scaled-out store through its directory
+    (redis://...), bound to this worker's own model version: the content of its checkpoint, the dtype it computes
+    in and [model] version_label, computed as every store node computes it; the nodes called as `security` says."""
+    if not config.worker.store.startswith("redis://"):
+        from expertflow.services.store_client import RemoteExpertStore
+
+        return RemoteExpertStore(config.worker.store, device, security=security)
+    from expertflow.services.redis_directory import RedisDirectory
+    from expertflow.services.store_cluster import ClusterExpertStore
+    from expertflow.services.store_server import ServedModel, served_dtype
+
+    served = ServedModel.open(directory, "0", served_dtype(config), config.model.version_label)
+    directory_client = RedisDirectory.from_url(config.worker.store)
+    return ClusterExpertStore(directory_client, served.version, device, security=security)
 
 
 def _predictor(model_dir: Path, given: str):

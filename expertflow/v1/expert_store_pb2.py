@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from expertflow.v1 import common_pb2 as expertflow_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n expertflow/v1/expert_store.proto\x12\rexpertflow.v1\x1a\x1a\x65xpertflow/v1/common.proto\"\x0f\n\rLayoutRequest\"\xba\x01\n\x06Layout\x12\x0e\n\x06hidden\x18\x01 \x01(\r\x12\x0b\n\x03\x66\x66n\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x14\n\x0cpadded_numel\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x13\n\x0bslot_nbytes\x18\x06 \x01(\x04\x12\r\n\x05model\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x12\n\nmoe_layers\x18\t \x01(\r\x12\x0f\n\x07\x65xperts\x18\n \x01(\r\"\r\n\x0bListRequest\"a\n\x0b\x45xpertEntry\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\";\n\x0cListResponse\x12+\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1a.expertflow.v1.ExpertEntry\"\x0f\n\rAttachRequest\"\'\n\x07Segment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"S\n\tPlacement\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\x0f\n\x07segment\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"y\n\x0e\x41ttachResponse\x12(\n\x08segments\x18\x01 \x03(\x0b\x32\x16.expertflow.v1.Segment\x12,\n\nplacements\x18\x02 \x03(\x0b\x32\x18.expertflow.v1.Placement\x12\x0f\n\x07host_id\x18\x03 \x01(\t\"J\n\x0c\x46\x65tchRequest\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\"I\n\x0b\x45xpertChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x03 \x01(\r\x12\r\n\x05total\x18\x04 \x01(\x04\"\x0e\n\x0cStatsRequest\"q\n\nStoreStats\x12\x14\n\x0c\x65xperts_host\x18\x01 \x01(\x04\x12\x14\n\x0c\x65xperts_nvme\x18\x02 \x01(\x04\x12\x12\n\nbytes_host\x18\x03 \x01(\x04\x12\x0f\n\x07\x66\x65tches\x18\x04 \x01(\x04\x12\x12\n\nbytes_sent\x18\x05 \x01(\x04\x32\xdf\x02\n\x0b\x45xpertStore\x12@\n\tGetLayout\x12\x1c.expertflow.v1.LayoutRequest\x1a\x15.expertflow.v1.Layout\x12?\n\x04List\x12\x1a.expertflow.v1.ListRequest\x1a\x1b.expertflow.v1.ListResponse\x12\x45\n\x06\x41ttach\x12\x1c.expertflow.v1.AttachRequest\x1a\x1d.expertflow.v1.AttachResponse\x12\x42\n\x05\x46\x65tch\x12\x1b.expertflow.v1.FetchRequest\x1a\x1a.expertflow.v1.ExpertChunk0\x01\x12\x42\n\x08GetStats\x12\x1b.expertflow.v1.StatsRequest\x1a\x19.expertflow.v1.StoreStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n expertflow/v1/expert_store.proto\x12\rexpertflow.v1\x1a\x1a\x65xpertflow/v1/common.proto\"\x0f\n\rLayoutRequest\"\xba\x01\n\x06Layout\x12\x0e\n\x06hidden\x18\x01 \x01(\r\x12\x0b\n\x03\x66\x66n\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x14\n\x0cpadded_numel\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x13\n\x0bslot_nbytes\x18\x06 \x01(\x04\x12\r\n\x05model\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x12\n\nmoe_layers\x18\t \x01(\r\x12\x0f\n\x07\x65xperts\x18\n \x01(\r\"\r\n\x0bListRequest\"a\n\x0b\x45xpertEntry\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\";\n\x0cListResponse\x12+\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1a.expertflow.v1.ExpertEntry\"\x0f\n\rAttachRequest\"\'\n\x07Segment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"S\n\tPlacement\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\x0f\n\x07segment\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"y\n\x0e\x41ttachResponse\x12(\n\x08segments\x18\x01 \x03(\x0b\x32\x16.expertflow.v1.Segment\x12,\n\nplacements\x18\x02 \x03(\x0b\x32\x18.expertflow.v1.Placement\x12\x0f\n\x07host_id\x18\x03 \x01(\t\"j\n\x0c\x46\x65tchRequest\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06length\x18\x04 \x01(\x04\"I\n\x0b\x45xpertChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x03 \x01(\r\x12\r\n\x05total\x18\x04 \x01(\x04\"\x0e\n\x0cStatsRequest\"q\n\nStoreStats\x12\x14\n\x0c\x65xperts_host\x18\x01 \x01(\x04\x12\x14\n\x0c\x65xperts_nvme\x18\x02 \x01(\x04\x12\x12\n\nbytes_host\x18\x03 \x01(\x04\x12\x0f\n\x07\x66\x65tches\x18\x04 \x01(\x04\x12\x12\n\nbytes_sent\x18\x05 \x01(\x04\x32\xdf\x02\n\x0b\x45xpertStore\x12@\n\tGetLayout\x12\x1c.expertflow.v1.LayoutRequest\x1a\x15.expertflow.v1.Layout\x12?\n\x04List\x12\x1a.expertflow.v1.ListRequest\x1a\x1b.expertflow.v1.ListResponse\x12\x45\n\x06\x41ttach\x12\x1c.expertflow.v1.AttachRequest\x1a\x1d.expertflow.v1.AttachResponse\x12\x42\n\x05\x46\x65tch\x12\x1b.expertflow.v1.FetchRequest\x1a\x1a.expertflow.v1.ExpertChunk0\x01\x12\x42\n\x08GetStats\x12\x1b.expertflow.v1.StatsRequest\x1a\x19.expertflow.v1.StoreStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,13 +51,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTACHRESPONSE']._serialized_start=603
   _globals['_ATTACHRESPONSE']._serialized_end=724
   _globals['_FETCHREQUEST']._serialized_start=726
-  _globals['_FETCHREQUEST']._serialized_end=800
-  _globals['_EXPERTCHUNK']._serialized_start=802
-  _globals['_EXPERTCHUNK']._serialized_end=875
-  _globals['_STATSREQUEST']._serialized_start=877
-  _globals['_STATSREQUEST']._serialized_end=891
-  _globals['_STORESTATS']._serialized_start=893
-  _globals['_STORESTATS']._serialized_end=1006
-  _globals['_EXPERTSTORE']._serialized_start=1009
-  _globals['_EXPERTSTORE']._serialized_end=1360
+  _globals['_FETCHREQUEST']._serialized_end=832
+  _globals['_EXPERTCHUNK']._serialized_start=834
+  _globals['_EXPERTCHUNK']._serialized_end=907
+  _globals['_STATSREQUEST']._serialized_start=909
+  _globals['_STATSREQUEST']._serialized_end=923
+  _globals['_STORESTATS']._serialized_start=925
+  _globals['_STORESTATS']._serialized_end=1038
+  _globals['_EXPERTSTORE']._serialized_start=1041
+  _globals['_EXPERTSTORE']._serialized_end=1392
 # @@protoc_insertion_point(module_scope)

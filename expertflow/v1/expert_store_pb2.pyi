@@ -90,12 +90,16 @@ class AttachResponse(_message.Message):
     def __init__(self, segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("key", "chunk_bytes")
+    __slots__ = ("key", "chunk_bytes", "offset", "length")
     KEY_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
     key: _common_pb2.ExpertKey
     chunk_bytes: int
-    def __init__(self, key: _Optional[_Union[_common_pb2.ExpertKey, _Mapping]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    offset: int
+    length: int
+    def __init__(self, key: _Optional[_Union[_common_pb2.ExpertKey, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class ExpertChunk(_message.Message):
     __slots__ = ("offset", "data", "crc32", "total")

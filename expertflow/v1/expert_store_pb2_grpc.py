@@ -86,7 +86,8 @@ class ExpertStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Fetch(self, request, context):
-        """One expert's bytes as a stream of checksummed chunks. NOT_FOUND for an expert the store does not hold.
+        """One expert's bytes (or a byte range of them) as a stream of checksummed chunks. NOT_FOUND for an expert the
+        store does not hold; INVALID_ARGUMENT for a chunk size or a range it cannot serve.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

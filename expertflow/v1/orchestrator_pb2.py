@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from expertflow.v1 import common_pb2 as expertflow_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n expertflow/v1/orchestrator.proto\x12\rexpertflow.v1\x1a\x1a\x65xpertflow/v1/common.proto\"S\n\rPrefetchSetup\x12\x12\n\nmoe_layers\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x01(\r\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0e\n\x06policy\x18\x04 \x01(\t\"\x93\x01\n\x10OrchestratorInfo\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x19\n\x11wants_speculation\x18\x02 \x01(\x08\x12\x11\n\tpredictor\x18\x03 \x01(\t\x12\x12\n\nplans_port\x18\x04 \x01(\r\x12\x14\n\x0cplans_ticket\x18\x05 \x01(\t\x12\x17\n\x0fplans_curve_key\x18\x06 \x01(\t\"R\n\x08InFlight\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\x0e\n\x06\x65ta_ms\x18\x02 \x01(\x01\x12\x0f\n\x07started\x18\x03 \x01(\x08\"\xf3\x01\n\tCacheView\x12\x0e\n\x06now_ms\x18\x01 \x01(\x01\x12\x0f\n\x07n_slots\x18\x02 \x01(\r\x12\x12\n\nmoe_layers\x18\x03 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x04 \x01(\r\x12\x10\n\x08resident\x18\x05 \x01(\x0c\x12*\n\tin_flight\x18\x06 \x03(\x0b\x32\x17.expertflow.v1.InFlight\x12(\n\x06pinned\x18\x07 \x03(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\x10\n\x08layer_ms\x18\x08 \x03(\x01\x12\x13\n\x0btransfer_ms\x18\t \x01(\x01\x12\x11\n\tlink_busy\x18\n \x01(\x01\"d\n\x08Transfer\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x02 \x01(\x01\x12\x0e\n\x06\x65ta_ms\x18\x03 \x01(\x01\x12\x0c\n\x04prob\x18\x04 \x01(\x02\"\xae\x01\n\x04Plan\x12&\n\x05\x66\x65tch\x18\x01 \x03(\x0b\x32\x17.expertflow.v1.Transfer\x12(\n\x06\x63\x61ncel\x18\x02 \x03(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\'\n\x05\x65vict\x18\x03 \x03(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\x13\n\x0bnext_use_ms\x18\x04 \x03(\x01\x12\x16\n\x0e\x63lear_next_use\x18\x05 \x01(\x08\"x\n\x10\x42\x65ginStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12.\n\x08requests\x18\x02 \x03(\x0b\x32\x1c.expertflow.v1.RequestTokens\x12&\n\x04view\x18\x03 \x01(\x0b\x32\x18.expertflow.v1.CacheView\"\x86\x01\n\x11\x41\x66terLayerRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12,\n\x06routes\x18\x03 \x03(\x0b\x32\x1c.expertflow.v1.RequestRoutes\x12&\n\x04view\x18\x04 \x01(\x0b\x32\x18.expertflow.v1.CacheView\"\xe7\x01\n\rPrefetchEvent\x12\x35\n\nbegin_step\x18\x01 \x01(\x0b\x32\x1f.expertflow.v1.BeginStepRequestH\x00\x12\x37\n\x0b\x61\x66ter_layer\x18\x02 \x01(\x0b\x32 .expertflow.v1.AfterLayerRequestH\x00\x12.\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x1c.expertflow.v1.FinishRequestH\x00\x12-\n\x05setup\x18\x04 \x01(\x0b\x32\x1c.expertflow.v1.PrefetchSetupH\x00\x42\x07\n\x05\x65vent\"_\n\x0bPlanMessage\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x10\n\x08has_plan\x18\x03 \x01(\x08\x12!\n\x04plan\x18\x04 \x01(\x0b\x32\x13.expertflow.v1.Plan\"4\n\x0eWaitingRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06waited\x18\x02 \x01(\r\"s\n\x0fScheduleRequest\x12,\n\x05queue\x18\x01 \x03(\x0b\x32\x1d.expertflow.v1.WaitingRequest\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\r\x12\x10\n\x08max_wait\x18\x03 \x01(\r\x12\x11\n\tscheduler\x18\x04 \x01(\t\"\'\n\x10ScheduleResponse\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t2\xc9\x03\n\x0cOrchestrator\x12\x45\n\x05Plans\x12\x1c.expertflow.v1.PrefetchEvent\x1a\x1a.expertflow.v1.PlanMessage(\x01\x30\x01\x12H\n\tBeginStep\x12\x1f.expertflow.v1.BeginStepRequest\x1a\x1a.expertflow.v1.PlanMessage\x12J\n\nAfterLayer\x12 .expertflow.v1.AfterLayerRequest\x1a\x1a.expertflow.v1.PlanMessage\x12\x45\n\x06\x46inish\x12\x1c.expertflow.v1.FinishRequest\x1a\x1d.expertflow.v1.FinishResponse\x12K\n\x08Schedule\x12\x1e.expertflow.v1.ScheduleRequest\x1a\x1f.expertflow.v1.ScheduleResponse\x12H\n\x07GetInfo\x12\x1c.expertflow.v1.PrefetchSetup\x1a\x1f.expertflow.v1.OrchestratorInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n expertflow/v1/orchestrator.proto\x12\rexpertflow.v1\x1a\x1a\x65xpertflow/v1/common.proto\"S\n\rPrefetchSetup\x12\x12\n\nmoe_layers\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x01(\r\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0e\n\x06policy\x18\x04 \x01(\t\"\x93\x01\n\x10OrchestratorInfo\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x19\n\x11wants_speculation\x18\x02 \x01(\x08\x12\x11\n\tpredictor\x18\x03 \x01(\t\x12\x12\n\nplans_port\x18\x04 \x01(\r\x12\x14\n\x0cplans_ticket\x18\x05 \x01(\t\x12\x17\n\x0fplans_curve_key\x18\x06 \x01(\t\"R\n\x08InFlight\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\x0e\n\x06\x65ta_ms\x18\x02 \x01(\x01\x12\x0f\n\x07started\x18\x03 \x01(\x08\"\x97\x02\n\tCacheView\x12\x0e\n\x06now_ms\x18\x01 \x01(\x01\x12\x0f\n\x07n_slots\x18\x02 \x01(\r\x12\x12\n\nmoe_layers\x18\x03 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x04 \x01(\r\x12\x10\n\x08resident\x18\x05 \x01(\x0c\x12*\n\tin_flight\x18\x06 \x03(\x0b\x32\x17.expertflow.v1.InFlight\x12(\n\x06pinned\x18\x07 \x03(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\x10\n\x08layer_ms\x18\x08 \x03(\x01\x12\x13\n\x0btransfer_ms\x18\t \x01(\x01\x12\x11\n\tlink_busy\x18\n \x01(\x01\x12\x0f\n\x07sources\x18\x0b \x01(\x0c\x12\x11\n\tsource_ms\x18\x0c \x03(\x01\"d\n\x08Transfer\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x02 \x01(\x01\x12\x0e\n\x06\x65ta_ms\x18\x03 \x01(\x01\x12\x0c\n\x04prob\x18\x04 \x01(\x02\"\xae\x01\n\x04Plan\x12&\n\x05\x66\x65tch\x18\x01 \x03(\x0b\x32\x17.expertflow.v1.Transfer\x12(\n\x06\x63\x61ncel\x18\x02 \x03(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\'\n\x05\x65vict\x18\x03 \x03(\x0b\x32\x18.expertflow.v1.ExpertKey\x12\x13\n\x0bnext_use_ms\x18\x04 \x03(\x01\x12\x16\n\x0e\x63lear_next_use\x18\x05 \x01(\x08\"x\n\x10\x42\x65ginStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12.\n\x08requests\x18\x02 \x03(\x0b\x32\x1c.expertflow.v1.RequestTokens\x12&\n\x04view\x18\x03 \x01(\x0b\x32\x18.expertflow.v1.CacheView\"\x86\x01\n\x11\x41\x66terLayerRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12,\n\x06routes\x18\x03 \x03(\x0b\x32\x1c.expertflow.v1.RequestRoutes\x12&\n\x04view\x18\x04 \x01(\x0b\x32\x18.expertflow.v1.CacheView\"\xe7\x01\n\rPrefetchEvent\x12\x35\n\nbegin_step\x18\x01 \x01(\x0b\x32\x1f.expertflow.v1.BeginStepRequestH\x00\x12\x37\n\x0b\x61\x66ter_layer\x18\x02 \x01(\x0b\x32 .expertflow.v1.AfterLayerRequestH\x00\x12.\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x1c.expertflow.v1.FinishRequestH\x00\x12-\n\x05setup\x18\x04 \x01(\x0b\x32\x1c.expertflow.v1.PrefetchSetupH\x00\x42\x07\n\x05\x65vent\"_\n\x0bPlanMessage\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x10\n\x08has_plan\x18\x03 \x01(\x08\x12!\n\x04plan\x18\x04 \x01(\x0b\x32\x13.expertflow.v1.Plan\"4\n\x0eWaitingRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06waited\x18\x02 \x01(\r\"s\n\x0fScheduleRequest\x12,\n\x05queue\x18\x01 \x03(\x0b\x32\x1d.expertflow.v1.WaitingRequest\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\r\x12\x10\n\x08max_wait\x18\x03 \x01(\r\x12\x11\n\tscheduler\x18\x04 \x01(\t\"\'\n\x10ScheduleResponse\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t2\xc9\x03\n\x0cOrchestrator\x12\x45\n\x05Plans\x12\x1c.expertflow.v1.PrefetchEvent\x1a\x1a.expertflow.v1.PlanMessage(\x01\x30\x01\x12H\n\tBeginStep\x12\x1f.expertflow.v1.BeginStepRequest\x1a\x1a.expertflow.v1.PlanMessage\x12J\n\nAfterLayer\x12 .expertflow.v1.AfterLayerRequest\x1a\x1a.expertflow.v1.PlanMessage\x12\x45\n\x06\x46inish\x12\x1c.expertflow.v1.FinishRequest\x1a\x1d.expertflow.v1.FinishResponse\x12K\n\x08Schedule\x12\x1e.expertflow.v1.ScheduleRequest\x1a\x1f.expertflow.v1.ScheduleResponse\x12H\n\x07GetInfo\x12\x1c.expertflow.v1.PrefetchSetup\x1a\x1f.expertflow.v1.OrchestratorInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,25 +39,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFLIGHT']._serialized_start=314
   _globals['_INFLIGHT']._serialized_end=396
   _globals['_CACHEVIEW']._serialized_start=399
-  _globals['_CACHEVIEW']._serialized_end=642
-  _globals['_TRANSFER']._serialized_start=644
-  _globals['_TRANSFER']._serialized_end=744
-  _globals['_PLAN']._serialized_start=747
-  _globals['_PLAN']._serialized_end=921
-  _globals['_BEGINSTEPREQUEST']._serialized_start=923
-  _globals['_BEGINSTEPREQUEST']._serialized_end=1043
-  _globals['_AFTERLAYERREQUEST']._serialized_start=1046
-  _globals['_AFTERLAYERREQUEST']._serialized_end=1180
-  _globals['_PREFETCHEVENT']._serialized_start=1183
-  _globals['_PREFETCHEVENT']._serialized_end=1414
-  _globals['_PLANMESSAGE']._serialized_start=1416
-  _globals['_PLANMESSAGE']._serialized_end=1511
-  _globals['_WAITINGREQUEST']._serialized_start=1513
-  _globals['_WAITINGREQUEST']._serialized_end=1565
-  _globals['_SCHEDULEREQUEST']._serialized_start=1567
-  _globals['_SCHEDULEREQUEST']._serialized_end=1682
-  _globals['_SCHEDULERESPONSE']._serialized_start=1684
-  _globals['_SCHEDULERESPONSE']._serialized_end=1723
-  _globals['_ORCHESTRATOR']._serialized_start=1726
-  _globals['_ORCHESTRATOR']._serialized_end=2183
+  _globals['_CACHEVIEW']._serialized_end=678
+  _globals['_TRANSFER']._serialized_start=680
+  _globals['_TRANSFER']._serialized_end=780
+  _globals['_PLAN']._serialized_start=783
+  _globals['_PLAN']._serialized_end=957
+  _globals['_BEGINSTEPREQUEST']._serialized_start=959
+  _globals['_BEGINSTEPREQUEST']._serialized_end=1079
+  _globals['_AFTERLAYERREQUEST']._serialized_start=1082
+  _globals['_AFTERLAYERREQUEST']._serialized_end=1216
+  _globals['_PREFETCHEVENT']._serialized_start=1219
+  _globals['_PREFETCHEVENT']._serialized_end=1450
+  _globals['_PLANMESSAGE']._serialized_start=1452
+  _globals['_PLANMESSAGE']._serialized_end=1547
+  _globals['_WAITINGREQUEST']._serialized_start=1549
+  _globals['_WAITINGREQUEST']._serialized_end=1601
+  _globals['_SCHEDULEREQUEST']._serialized_start=1603
+  _globals['_SCHEDULEREQUEST']._serialized_end=1718
+  _globals['_SCHEDULERESPONSE']._serialized_start=1720
+  _globals['_SCHEDULERESPONSE']._serialized_end=1759
+  _globals['_ORCHESTRATOR']._serialized_start=1762
+  _globals['_ORCHESTRATOR']._serialized_end=2219
 # @@protoc_insertion_point(module_scope)

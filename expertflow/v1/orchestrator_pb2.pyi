@@ -46,7 +46,7 @@ class InFlight(_message.Message):
     def __init__(self, key: _Optional[_Union[_common_pb2.ExpertKey, _Mapping]] = ..., eta_ms: _Optional[float] = ..., started: _Optional[bool] = ...) -> None: ...
 
 class CacheView(_message.Message):
-    __slots__ = ("now_ms", "n_slots", "moe_layers", "experts", "resident", "in_flight", "pinned", "layer_ms", "transfer_ms", "link_busy")
+    __slots__ = ("now_ms", "n_slots", "moe_layers", "experts", "resident", "in_flight", "pinned", "layer_ms", "transfer_ms", "link_busy", "sources", "source_ms")
     NOW_MS_FIELD_NUMBER: _ClassVar[int]
     N_SLOTS_FIELD_NUMBER: _ClassVar[int]
     MOE_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,8 @@ class CacheView(_message.Message):
     LAYER_MS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
     LINK_BUSY_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_MS_FIELD_NUMBER: _ClassVar[int]
     now_ms: float
     n_slots: int
     moe_layers: int
@@ -67,7 +69,9 @@ class CacheView(_message.Message):
     layer_ms: _containers.RepeatedScalarFieldContainer[float]
     transfer_ms: float
     link_busy: float
-    def __init__(self, now_ms: _Optional[float] = ..., n_slots: _Optional[int] = ..., moe_layers: _Optional[int] = ..., experts: _Optional[int] = ..., resident: _Optional[bytes] = ..., in_flight: _Optional[_Iterable[_Union[InFlight, _Mapping]]] = ..., pinned: _Optional[_Iterable[_Union[_common_pb2.ExpertKey, _Mapping]]] = ..., layer_ms: _Optional[_Iterable[float]] = ..., transfer_ms: _Optional[float] = ..., link_busy: _Optional[float] = ...) -> None: ...
+    sources: bytes
+    source_ms: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, now_ms: _Optional[float] = ..., n_slots: _Optional[int] = ..., moe_layers: _Optional[int] = ..., experts: _Optional[int] = ..., resident: _Optional[bytes] = ..., in_flight: _Optional[_Iterable[_Union[InFlight, _Mapping]]] = ..., pinned: _Optional[_Iterable[_Union[_common_pb2.ExpertKey, _Mapping]]] = ..., layer_ms: _Optional[_Iterable[float]] = ..., transfer_ms: _Optional[float] = ..., link_busy: _Optional[float] = ..., sources: _Optional[bytes] = ..., source_ms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Transfer(_message.Message):
     __slots__ = ("key", "deadline_ms", "eta_ms", "prob")

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from bench.security_cost import make_pki
-from expert_store.keys import ExpertSpace
+from expert_store.keys import ExpertKey, ExpertSpace
 from expertflow.cli import main
 from expertflow.services.client import InferenceClient, InferenceError
 from expertflow.services.common import GrpcServer, wait_for_server
@@ -339,3 +339,41 @@ def test_serve_with_tls_client_certificates_and_a_token_end_to_end(pki, tmp_path
         serve.send_signal(signal.SIGTERM)
         code = serve.wait(120)
     assert code == 0
+
+
+def test_a_scaled_out_store_node_wants_the_token_from_the_cluster_client(mixtral_dir, tmp_path, pki, store_model):
+    """A node of a directory-placed store with the token: a worker's ClusterExpertStore reads through it with the
+    token, and without it is told the node refused it."""
+    from expertflow.services.store_cluster import ClusterExpertStore, ExpertUnavailable
+    from redis_server import RedisServer, free_port
+    from store_nodes import NodeProcess
+    from test_store_cluster import cluster
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[security]\ntoken_file = "{pki / "token"}"\n')
+    version = ServedModel.open(mixtral_dir, "0", torch.float32).version
+    redis_server = RedisServer(tmp_path / "redis").start()
+    node = NodeProcess(mixtral_dir, redis_server.url, "node0", f"127.0.0.1:{free_port()}", shard="0/1", replicas=1,
+                       extra=("--config", str(config)))  # fmt: skip
+    try:
+        node.start().wait_for("serving", 90)
+        key = ExpertKey(1, 3)
+        local = store_model[1]
+        out, expected = torch.full((local.layout.padded_numel,), float("nan")), torch.zeros(local.layout.padded_numel)
+        local.read_into(key, expected)
+        remote: ClusterExpertStore = cluster(redis_server.url, version, host_id="another-host",
+                                             security=Security(token=TOKEN))  # fmt: skip
+        try:
+            remote.read_into(key, out)
+            assert torch.equal(out, expected)
+        finally:
+            remote.close()
+        stranger = cluster(redis_server.url, version, host_id="another-host")
+        try:
+            with pytest.raises(ExpertUnavailable, match="UNAUTHENTICATED"):
+                stranger.read_into(key, out)
+        finally:
+            stranger.close()
+    finally:
+        node.kill()
+        redis_server.stop()

@@ -238,6 +238,16 @@ def test_shared_memory_is_0600_and_unheld_experts_are_not_found(store_model):
             chunks = list(stub.Fetch(pb.FetchRequest(key={"layer": 2, "expert": 7}), timeout=5))
             total = store_model[1].layout.slot_nbytes
             assert {c.total for c in chunks} == {total} and sum(len(c.data) for c in chunks) == total
+            # a range: only bytes of that expert's buffer; one reaching past its end (or wrapping uint64) gets none
+            tail = list(stub.Fetch(pb.FetchRequest(key={"layer": 2, "expert": 7}, offset=total - 100), timeout=5))
+            own = store_model[1].host_view(ExpertKey(2, 7)).view(torch.uint8)[total - 100 : total]
+            assert b"".join(c.data for c in tail) == own.numpy().tobytes()
+            for offset, length in ((total, 0), (total - 100, 101), (8, 2**64 - 8)):
+                request = pb.FetchRequest(key={"layer": 2, "expert": 7}, offset=offset, length=length)
+                got = []
+                with pytest.raises(grpc.RpcError) as e:
+                    got.extend(stub.Fetch(request, timeout=5))
+                assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT and not got, (offset, length)
     finally:
         server.stop(0)
 

@@ -155,3 +155,11 @@ class Hosts:
         for i, ns in enumerate(self.names):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # takes its veth end and the pair
             subprocess.run(["ip", "link", "del", f"{self.tag}h{i}"], capture_output=True)
+
+
+def machine() -> str:
+    """What a test's figures were measured on, for their JSON."""
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores, {gpu}"

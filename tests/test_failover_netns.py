@@ -37,7 +37,7 @@ from expertflow.services.common import wait_for_server
 from expertflow.services.redis_directory import RedisDirectory
 from expertflow.services.store_server import ServedModel
 from redis_server import RedisServer, free_port
-from store_nodes import Hosts, NodeProcess, namespaces_unavailable, private_network, wait_until
+from store_nodes import Hosts, NodeProcess, machine, namespaces_unavailable, private_network, wait_until
 from test_worker_service import embedded
 
 pytestmark = pytest.mark.slow
@@ -89,7 +89,7 @@ def test_failover_across_network_namespaces(tiny_models, tmp_path):
     version = ServedModel.open(model_dir, "0", torch.float32).version
     expected = [embedded(model_dir, p, NEW_TOKENS) for p in PROMPTS]
     figures: dict = {"command": "EXPERTFLOW_FAILOVER_JSON=bench/results/failover_cpu.json .venv/bin/python -m pytest "
-                     "-p no:cacheprovider -s tests/test_failover_netns.py", "machine": f"{os.cpu_count()} CPU cores, no GPU",
+                     "-p no:cacheprovider -s tests/test_failover_netns.py", "machine": machine(),
                      "nodes": 3, "replicas": 2, "ttl_s": TTL_S, "requests_per_round": len(PROMPTS),
                      "new_tokens": NEW_TOKENS}  # fmt: skip
     with ExitStack() as stack:

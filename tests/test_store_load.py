@@ -36,7 +36,7 @@ from expertflow.services.store_server import ServedModel
 from expertflow.v1 import expert_store_pb2 as store_pb
 from expertflow.v1 import expert_store_pb2_grpc
 from redis_server import RedisServer, free_port
-from store_nodes import Hosts, NodeProcess, namespaces_unavailable, private_network, wait_until
+from store_nodes import Hosts, NodeProcess, machine, namespaces_unavailable, private_network, wait_until
 from test_failover_netns import listed
 from test_worker_service import embedded
 
@@ -185,7 +185,7 @@ def test_load_three_nodes_two_workers_64_clients_one_node_killed(tiny_models, tm
     figures = {
         "command": "EXPERTFLOW_LOAD_JSON=bench/results/store_load_cpu.json .venv/bin/python -m pytest "
         "-p no:cacheprovider -s tests/test_store_load.py",
-        "machine": f"{os.cpu_count()} CPU cores, no GPU",
+        "machine": machine(),
         "model": "the tests' tiny Mixtral checkpoint (float32)",
         "nodes": NODES, "replicas": REPLICAS, "workers": WORKERS, "clients": CLIENTS, "seconds": SECONDS,
         "new_tokens": NEW_TOKENS, "node_killed": "node0 (SIGKILL) at half time",

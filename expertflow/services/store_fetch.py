@@ -13,8 +13,8 @@ failure is raised: `BadStream` (the bytes were wrong, `attempts` times for one r
 match the listing) or the `grpc.RpcError` (the node's status: NOT_FOUND, UNAVAILABLE, DEADLINE_EXCEEDED, ...), for
 the caller to try again or to fail over to another node.
 
-The defaults come from bench/fetch_transport.py (bench/results/fetch_transport_cpu.json): see
-DEFAULT_FETCH_CHUNK_BYTES and DEFAULT_FETCH_STREAMS.
+The defaults come from bench/fetch_transport.py (bench/results/fetch_transport_{cpu,h200}.json), by the cores the
+machine has: see DEFAULT_FETCH_CHUNK_BYTES and DEFAULT_FETCH_STREAMS.
 
 Not for: choosing the node or retrying whole fetches (store_client.py), serving (store_server.py), or the chunk
 format both ends share (store_wire.py).
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 import zlib
@@ -38,14 +39,17 @@ from expertflow.v1 import expert_store_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# Measured on loopback and across a veth pair (bench/results/fetch_transport_cpu.json, bench/results/README.md):
-# 256 KiB x 1 stream was the best cell for the 16.5 MiB (DeepSeek-V2-Lite) expert on both networks (0.53 GB/s
-# loopback, 0.37 veth; 1 MiB x 1: 0.32 and 0.29) and within 15 % of the best for the 336 MiB (Mixtral) one (best
-# 256 KiB x 4: 0.41 and 0.36). On that 2-core machine the fetch is CPU-bound (client + store about 4 CPU s per
-# GB, both on the same cores), so more streams only add contention there; a machine with cores to spare (the
-# H200 run: `python -m bench.fetch_transport --device cuda`) may favour more, and should decide it again.
-DEFAULT_FETCH_CHUNK_BYTES = 256 << 10
-DEFAULT_FETCH_STREAMS = 1
+# Measured on loopback and across a veth pair, against the same bytes over shared memory (bench/fetch_transport.py;
+# tables in bench/results/README.md). The fetch is CPU-bound in gRPC's Python layer (client + store spend 3-4 CPU
+# seconds per GB), so the best cell depends on the cores the worker and the store have:
+#   16 cores (H200 host, fetch_transport_h200.json): 1 MiB x 2 streams is best or within 10 % of it for both
+#     sizes and networks (16.5 MiB: 1.02 GB/s loopback, 0.85 veth; 336 MiB: 1.17 and 1.12); 1 stream reaches
+#     0.55-0.75, 4 streams no more than 2, 4 MiB chunks 0.3-0.44.
+#   2 cores (fetch_transport_cpu.json): 256 KiB x 1 is best for the 16.5 MiB expert (0.53 loopback, 0.37 veth) and
+#     within 15 % for the 336 MiB one; a second stream only adds contention for the two cores.
+_MANY_CORES = (os.cpu_count() or 1) >= 8
+DEFAULT_FETCH_CHUNK_BYTES = (1 << 20) if _MANY_CORES else (256 << 10)
+DEFAULT_FETCH_STREAMS = 2 if _MANY_CORES else 1
 RANGE_ATTEMPTS = 3  # per range: a corrupt or cut range is fetched again from where it went wrong
 
 _POLY = 0xEDB88320  # crc32's polynomial, bit-reflected

@@ -26,25 +26,31 @@ def free_port(host: str = "127.0.0.1") -> int:
 class RedisServer:
     """`redis-server` bound to `bind` (default loopback) on a free port, nothing persisted."""
 
-    def __init__(self, workdir: Path, bind: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, bind: str = "127.0.0.1", port: int | None = None, password: str | None = None
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
-        self.binary, self.workdir, self.bind = binary, workdir, bind
+        self.binary, self.workdir, self.bind, self.password = binary, workdir, bind, password
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.bind in ("0.0.0.0", "127.0.0.1") else self.bind
-        return f"redis://{host}:{self.port}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{host}:{self.port}"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [self.binary, "--port", str(self.port), "--bind", self.bind, "--dir", str(self.workdir),
                 "--save", "", "--appendonly", "no", "--protected-mode", "no"]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=(self.workdir / "redis.log").open("a"), stderr=subprocess.STDOUT)
-        client = redis.Redis(host="127.0.0.1" if self.bind == "0.0.0.0" else self.bind, port=self.port)
+        client = redis.Redis(host="127.0.0.1" if self.bind == "0.0.0.0" else self.bind, port=self.port,
+                             password=self.password)  # fmt: skip
         deadline = time.monotonic() + timeout_s
         while True:
             try:

@@ -181,6 +181,24 @@ def test_redis_down_is_directory_unavailable_and_back_after_a_restart(redis_serv
         d.close()
 
 
+def test_a_directory_behind_a_password(tmp_path):
+    from expertflow.services.redis_directory import RedisDirectory
+
+    server = RedisServer(tmp_path / "redis", password="s3cret-pw").start()
+    try:
+        wrong = RedisDirectory.from_url(server.url.replace("s3cret-pw", "guess"), timeout_s=1.0)
+        with pytest.raises(DirectoryUnavailable) as refused:
+            wrong.snapshot("v1")
+        assert "guess" not in str(refused.value) and ":***@" in str(refused.value)
+        wrong.close()
+        d = RedisDirectory.from_url(server.url, timeout_s=1.0)
+        d.register("v1", node("a"), LAYOUT, held(KEYS), 30)
+        assert list(d.snapshot("v1").nodes) == ["a"] and "s3cret-pw" not in d.where
+        d.close()
+    finally:
+        server.stop()
+
+
 def test_a_bad_directory_url_is_refused():
     from expertflow.services.redis_directory import RedisDirectory
 

@@ -27,6 +27,7 @@ import json
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -59,14 +60,15 @@ class RedisDirectory(Directory):
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "expertflow", timeout_s: float = 2.0) -> RedisDirectory:
-        """`redis://HOST:PORT[/DB]`; every call gives up after `timeout_s` (a Redis that is down is an error at
-        once, a hung one after the timeout: callers keep serving from what they have)."""
+        """`redis://[:PASSWORD@]HOST:PORT[/DB]`, `rediss://...` (TLS) or `unix://PATH`; every call gives up after
+        `timeout_s` (a Redis that is down is an error at once, a hung one after the timeout: callers keep serving
+        from what they have). Errors and logs name the URL without its password."""
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"directory {url!r}: give a Redis URL, e.g. redis://127.0.0.1:6379")
         client = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
         )
-        return cls(client, namespace, url)
+        return cls(client, namespace, without_password(url))
 
     def _key(self, version: str, *parts: str) -> str:
         return ":".join((self._ns, "v", version, *parts))
@@ -190,3 +192,13 @@ class RedisDirectory(Directory):
 
     def close(self) -> None:
         self._redis.close()
+
+
+def without_password(url: str) -> str:
+    """`url` as errors and logs may show it: a password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

@@ -414,7 +414,7 @@ def _expert_store(config: ServicesConfig, directory: Path, device: str, security
     """[worker] store: one expert-store node at host:port, or a scaled-out store through its directory
     (redis://...), bound to this worker's own model version: the content of its checkpoint, the dtype it computes
     in and [model] version_label, computed as every store node computes it; the nodes called as `security` says."""
-    if not config.worker.store.startswith("redis://"):
+    if not config.worker.store.startswith(("redis://", "rediss://", "unix://")):
         from expertflow.services.store_client import RemoteExpertStore
 
         return RemoteExpertStore(config.worker.store, device, security=security)

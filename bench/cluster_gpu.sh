@@ -14,13 +14,7 @@ status=0
 if [ -d .gpubin ]; then export PATH="$PWD/.gpubin/bin:$PATH" LD_LIBRARY_PATH="$PWD/.gpubin/lib"; fi
 if [ -d .whl ]; then python3 -m pip install -q --no-deps .whl/*.whl > "$out/pip.log" 2>&1 || tail -5 "$out/pip.log"; fi
 redis-server --version | head -1; ip -V
-step() {  # step NAME SECONDS COMMAND...: run with a bound, log to OUTDIR/NAME.log
-  local name=$1 limit=$2
-  shift 2
-  local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1 || { status=1; echo "$name failed:"; tail -15 "$out/$name.log"; }
-  echo "$name: $((SECONDS - t0)) s"
-}
+source "$(dirname "$0")/gpu_steps.sh"
 step fetch_transport "${2:-240}" python3 -m bench.fetch_transport --device cuda --out "$out/fetch_transport.json"
 EXPERTFLOW_FAILOVER_JSON="$out/failover.json" step pytest_cluster 300 python3 -m pytest -q -s -p no:cacheprovider \
   tests/test_directory.py tests/test_store_cluster.py tests/test_failover_netns.py tests/test_store_fetch.py \

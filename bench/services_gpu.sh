@@ -11,13 +11,7 @@ set -uo pipefail
 out=${1:?usage: bash bench/services_gpu.sh OUTDIR}
 mkdir -p "$out"
 status=0
-step() {  # step NAME SECONDS COMMAND...: run with a bound, log to OUTDIR/NAME.log
-  local name=$1 limit=$2
-  shift 2
-  local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1 || { status=1; echo "$name failed:"; tail -15 "$out/$name.log"; }
-  echo "$name: $((SECONDS - t0)) s"
-}
+source "$(dirname "$0")/gpu_steps.sh"
 step store_transport 120 python3 -m bench.store_transport --out "$out/store_transport.json"
 step services_b1 150 python3 -m bench.services_b1 --device cuda --out "$out/services_b1.json"
 step serving 180 python3 -m bench.serving --clients 32 --max-batch 8 --device cuda --out "$out/serving.json"

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,3 +164,39 @@ def machine() -> str:
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{os.cpu_count()} CPU cores, {gpu}"
+
+
+def listed(url: str, version: str) -> set[str]:
+    """The nodes the directory at `url` lists for `version` now."""
+    from expertflow.services.redis_directory import RedisDirectory
+
+    directory = RedisDirectory.from_url(url, timeout_s=1.0)
+    try:
+        return set(directory.snapshot(version).nodes)
+    finally:
+        directory.close()
+
+
+def namespace_cluster(stack: ExitStack, model_dir: Path, workdir: Path, version: str, count: int, replicas: int,
+                      ttl_s: float):  # fmt: skip
+    """`count` store nodes, node i in a namespace of its own at 10.231.i.2:50061 holding static shard i/count,
+    registered in a redis-server here that every namespace reaches at 10.231.i.1; returns (redis, nodes) once
+    the directory lists them all. Everything is torn down when `stack` closes."""
+    from redis_server import RedisServer
+
+    hosts = Hosts(count)
+    stack.callback(hosts.close)
+    redis_server = RedisServer(workdir / "redis", bind="0.0.0.0").start()
+    stack.callback(redis_server.stop)
+    nodes = [NodeProcess(model_dir, f"redis://10.231.{i}.1:{redis_server.port}", f"node{i}", f"10.231.{i}.2:50061",
+                         shard=f"{i}/{count}", replicas=replicas, ttl_s=ttl_s, netns=ns,
+                         extra=("--config", str(private_network(workdir))))
+             for i, ns in enumerate(hosts.names)]  # fmt: skip
+    for n in nodes:
+        stack.callback(n.kill)
+        n.start()
+    for n in nodes:
+        n.wait_for("serving", 120)
+    want = {n.node_id for n in nodes}
+    wait_until(lambda: listed(redis_server.url, version) == want, 30, f"{count} nodes listed")
+    return redis_server, nodes

@@ -228,7 +228,7 @@ def test_redis_image_under_testcontainers(images, testcontainers_without_reaper)
 def test_worker_image_generates_under_testcontainers(images, testcontainers_without_reaper):
     from testcontainers.core.container import DockerContainer
 
-    command = "expertflow worker --listen 0.0.0.0:50051 --policy lru --metrics-port 0"
+    command = "expertflow worker --listen 0.0.0.0:50051 --allow-insecure --policy lru --metrics-port 0"
     with DockerContainer(images[0]).with_command(command).with_exposed_ports(50051) as container:
         address = f"{container.get_container_host_ip()}:{container.get_exposed_port(50051)}"
         try:

@@ -34,10 +34,9 @@ import torch
 from conftest import prompt_ids
 from expertflow.services.client import InferenceClient, InferenceError
 from expertflow.services.common import wait_for_server
-from expertflow.services.redis_directory import RedisDirectory
 from expertflow.services.store_server import ServedModel
-from redis_server import RedisServer, free_port
-from store_nodes import Hosts, NodeProcess, machine, namespaces_unavailable, private_network, wait_until
+from redis_server import free_port
+from store_nodes import listed, machine, namespace_cluster, namespaces_unavailable, wait_until
 from test_worker_service import embedded
 
 pytestmark = pytest.mark.slow
@@ -73,14 +72,6 @@ def ask_all(address: str, prompts, timeout_s: float = 90.0, started: threading.E
     return results
 
 
-def listed(url: str, version: str) -> set[str]:
-    directory = RedisDirectory.from_url(url, timeout_s=1.0)
-    try:
-        return set(directory.snapshot(version).nodes)
-    finally:
-        directory.close()
-
-
 def test_failover_across_network_namespaces(tiny_models, tmp_path):
     reason = namespaces_unavailable()
     if reason is not None:
@@ -93,20 +84,7 @@ def test_failover_across_network_namespaces(tiny_models, tmp_path):
                      "nodes": 3, "replicas": 2, "ttl_s": TTL_S, "requests_per_round": len(PROMPTS),
                      "new_tokens": NEW_TOKENS}  # fmt: skip
     with ExitStack() as stack:
-        hosts = Hosts(3)
-        stack.callback(hosts.close)
-        redis_server = RedisServer(tmp_path / "redis", bind="0.0.0.0").start()
-        stack.callback(redis_server.stop)
-        nodes = [NodeProcess(model_dir, f"redis://10.231.{i}.1:{redis_server.port}", f"node{i}", f"10.231.{i}.2:50061",
-                             shard=f"{i}/3", replicas=2, ttl_s=TTL_S, netns=ns,
-                             extra=("--config", str(private_network(tmp_path))))
-                 for i, ns in enumerate(hosts.names)]  # fmt: skip
-        for n in nodes:
-            stack.callback(n.kill)
-            n.start()
-        for n in nodes:
-            n.wait_for("serving", 120)
-        wait_until(lambda: listed(redis_server.url, version) == {"node0", "node1", "node2"}, 30, "3 nodes listed")
+        redis_server, nodes = namespace_cluster(stack, model_dir, tmp_path, version, 3, 2, TTL_S)
 
         address = f"127.0.0.1:{free_port()}"
         worker = subprocess.Popen(

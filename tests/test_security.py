@@ -99,6 +99,19 @@ def test_every_service_binds_loopback_unless_configured(tmp_path):
     compose = ServicesConfig.load(ROOT / "docker" / "expertflow.toml")
     assert compose.worker.listen.startswith("0.0.0.0:") and compose.security.allow_insecure
     Security.load(compose.security).check_listen(compose.worker.listen, "[worker] listen")
+    # and a lone container's command line says so with --allow-insecure, on every server command
+    import argparse
+
+    from expertflow.services.cli import add_subcommands
+
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers(dest="command"))
+    for command in ("worker", "api", "expert-store", "predictor", "orchestrator", "serve"):
+        extra = ["--model", "m"] if command == "expert-store" else []
+        plain = ServicesConfig.from_args(parser.parse_args([command, *extra]))
+        allowed = ServicesConfig.from_args(parser.parse_args([command, *extra, "--allow-insecure"]))
+        assert not plain.security.allow_insecure and allowed.security.allow_insecure, command
+        Security.load(allowed.security).check_listen("0.0.0.0:1", command)
 
 
 # -- the token ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,9 +34,8 @@ from expertflow.services.common import open_channel, wait_for_server
 from expertflow.services.store_server import ServedModel
 from expertflow.v1 import expert_store_pb2 as store_pb
 from expertflow.v1 import expert_store_pb2_grpc
-from redis_server import RedisServer, free_port
-from store_nodes import Hosts, NodeProcess, machine, namespaces_unavailable, private_network, wait_until
-from test_failover_netns import listed
+from redis_server import free_port
+from store_nodes import machine, namespace_cluster, namespaces_unavailable
 from test_worker_service import embedded
 
 pytestmark = pytest.mark.slow
@@ -135,21 +133,8 @@ def test_load_three_nodes_two_workers_64_clients_one_node_killed(tiny_models, tm
     version = ServedModel.open(model_dir, "0", torch.float32).version
     expected = [embedded(model_dir, p, NEW_TOKENS) for p in PROMPTS]
     with ExitStack() as stack:
-        hosts = Hosts(NODES)
-        stack.callback(hosts.close)
-        redis_server = RedisServer(tmp_path / "redis", bind="0.0.0.0").start()
-        stack.callback(redis_server.stop)
-        addresses = {f"node{i}": f"10.231.{i}.2:50061" for i in range(NODES)}
-        nodes = [NodeProcess(model_dir, f"redis://10.231.{i}.1:{redis_server.port}", f"node{i}", addresses[f"node{i}"],
-                             shard=f"{i}/{NODES}", replicas=REPLICAS, ttl_s=3.0, netns=ns,
-                             extra=("--config", str(private_network(tmp_path))))
-                 for i, ns in enumerate(hosts.names)]  # fmt: skip
-        for n in nodes:
-            stack.callback(n.kill)
-            n.start()
-        for n in nodes:
-            n.wait_for("serving", 120)
-        wait_until(lambda: listed(redis_server.url, version) == set(addresses), 30, "every node listed")
+        redis_server, nodes = namespace_cluster(stack, model_dir, tmp_path, version, NODES, REPLICAS, 3.0)
+        addresses = {n.node_id: n.listen for n in nodes}
 
         workers = []
         for w in range(WORKERS):

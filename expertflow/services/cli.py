@@ -20,14 +20,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from expertflow.services.config import ServicesConfig
+from expertflow.services.config import ServicesConfig, add_server_flags
 
 # what `serve` starts, in order
 SERVE = ("expert-store", "predictor", "orchestrator", "worker", "api")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="the services' TOML config (see expertflow/services/config.py)")
+    add_server_flags(p)
     p.add_argument("--model", help="Hugging Face model directory (default: the embedded model)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="compute device (default: cuda where present)")
     p.add_argument("--policy", help="expert cache policy (orchestrator/policies.py)")
@@ -58,7 +58,7 @@ def add_subcommands(sub) -> None:
     worker.set_defaults(services_command=_worker)
 
     api = sub.add_parser("api", help="the OpenAI-compatible HTTP endpoint in front of a worker")
-    api.add_argument("--config", type=Path, help="the services' TOML config (see expertflow/services/config.py)")
+    add_server_flags(api)
     api.add_argument("--listen", help="host:port of the HTTP endpoint")
     api.add_argument("--worker", help="the worker's inference API (host:port)")
     api.add_argument("--model", help="the model directory, for its chat template (default: the embedded model)")
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
 def config_from(args: argparse.Namespace) -> ServicesConfig:
     """The config file (or the defaults) with the command line's model flags over it."""
-    config = ServicesConfig.load(args.config)
+    config = ServicesConfig.from_args(args)
     return config.override(
         "model",
         dir=args.model,
@@ -155,7 +155,7 @@ def _api(args: argparse.Namespace) -> int:
     from expertflow.services.http_api import ApiServer
     from expertflow.services.security import Security
 
-    config = ServicesConfig.load(args.config).override("api", listen=args.listen, worker=args.worker)
+    config = ServicesConfig.from_args(args).override("api", listen=args.listen, worker=args.worker)
     config = config.override("model", dir=args.model)
     if args.metrics_port is not None:
         config = config.override("metrics", api=args.metrics_port)

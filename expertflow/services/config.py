@@ -168,6 +168,12 @@ class ServicesConfig:
             lines.append("")
         return "\n".join(lines)
 
+    @classmethod
+    def from_args(cls, args: Any) -> ServicesConfig:
+        """A server command's config: its --config file, with --allow-insecure (add_server_flags) over the file."""
+        config = cls.load(args.config)
+        return config.override("security", allow_insecure=True) if args.allow_insecure else config
+
     def override(self, section: str, **values: Any) -> ServicesConfig:
         """A copy with `values` (those not None) set in `section`: command-line flags over the file."""
         given = {k: v for k, v in values.items() if v is not None}
@@ -197,3 +203,11 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
+
+
+def add_server_flags(parser: Any) -> None:
+    """The flags every server command shares: its config file, and the one security choice a container's command
+    line must be able to make (listening on 0.0.0.0 behind a port published on loopback or a private network)."""
+    parser.add_argument("--config", type=Path, help="the services' TOML config (see expertflow/services/config.py)")
+    parser.add_argument("--allow-insecure", action="store_true",
+                        help="listen on a non-loopback address with neither TLS nor a token ([security] allow_insecure)")  # fmt: skip

@@ -18,6 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
+from expertflow.services.config import add_server_flags
 
 
 def add_subcommands(sub) -> None:
@@ -48,7 +49,7 @@ def add_subcommands(sub) -> None:
 
 def _common(parser: argparse.ArgumentParser, section: str, listen: str, metrics: int) -> None:
     parser.add_argument("--listen", help=f"gRPC address, host:port (default: [{section}] listen, {listen})")
-    parser.add_argument("--config", type=Path, help="services config file (TOML; see expertflow/services/config.py)")
+    add_server_flags(parser)
     parser.add_argument(
         "--metrics-port", type=int, help=f"Prometheus port, 0 for none (default: [metrics] {section}, {metrics})"
     )
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     """Serve the command's service until stopped."""
     from expertflow.services.config import ServicesConfig
 
-    config = ServicesConfig.load(args.config)
+    config = ServicesConfig.from_args(args)
     try:
         if args.command == "predictor":
             _predictor(args, config)

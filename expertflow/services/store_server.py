@@ -49,7 +49,7 @@ from expert_store.keys import ExpertKey, ExpertSpace
 from expert_store.layout import ExpertLayout, ExpertTensorNames
 from expert_store.store import LocalExpertStore, Tier
 from expertflow.services.common import GrpcServer, run_until_stopped, setup_logging, start_metrics
-from expertflow.services.config import ServicesConfig
+from expertflow.services.config import ServicesConfig, add_server_flags
 from expertflow.services.security import Security
 from expertflow.services.store_wire import (
     DEFAULT_CHUNK_BYTES,
@@ -405,7 +405,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
         "where CUDA is present, float32 where not)",
     )
     p.add_argument("--listen", help="host:port (default: [expert_store] listen)")
-    p.add_argument("--config", type=Path, help="services config file (TOML, see expertflow/services/config.py)")
+    add_server_flags(p)
     p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 for none (default: [metrics] expert_store)")
     cluster = p.add_argument_group("scaled out (a node of many; README: Scaled-out expert store)")
     cluster.add_argument("--directory", help="the directory, redis://HOST:PORT: hold a share and register it there")
@@ -456,7 +456,7 @@ def advertised(given: str, listen: str, port: int) -> str:
 
 
 def _configured(args: argparse.Namespace) -> ServicesConfig:
-    config = ServicesConfig.load(args.config)
+    config = ServicesConfig.from_args(args)
     config = config.override("model", dir=str(args.model) if args.model else None, host_budget=args.host_budget)
     config = config.override("model", dtype=args.dtype).override("metrics", expert_store=args.metrics_port)
     return config.override("expert_store", listen=args.listen, directory=args.directory, shard=args.shard,

@@ -116,12 +116,9 @@ class ExpertCache:
         self._waiting: list[ExpertKey] = []  # its misses that found no slot yet
         self._last_layer: frozenset[ExpertKey] = frozenset()  # the keys of the layer acquired last
         self._prefetched_unused: set[ExpertKey] = set()
-        own = set(keys)
-        self._sources = source_codes(
-            self.shape, lambda layer, e: store.source(ExpertKey(layer, e)) if (layer, e) in own else None
-        )
+        self._own = frozenset(keys)
+        self._read_sources()
         self._reads = [[0.0, 0] for _ in SOURCES]  # per source: seconds of reads finished this step, count
-        self._one_source = not self._sources.any()  # every key local: the view needs no sources (one link time)
         self.stats = CacheStats()
 
     @property
@@ -132,9 +129,21 @@ class ExpertCache:
     def nbytes(self) -> int:
         return self.slots.numel() * self.slots.element_size()
 
+    def _read_sources(self) -> None:
+        """Every key's source from the store, again whenever its sources_epoch moves (a node failed over): a new
+        array, never written after, so the views handed out keep the sources they were planned with."""
+        own, store = self._own, self.store
+        self._sources_epoch = store.sources_epoch
+        self._sources = source_codes(
+            self.shape, lambda layer, e: store.source(ExpertKey(layer, e)) if (layer, e) in own else None
+        )
+        self._one_source = not self._sources.any()  # every key local: the view needs no sources (one link time)
+
     # -- what a prefetcher sees -----------------------------------------------------------------
     def view(self) -> CacheView:
         self._poll()
+        if self.store.sources_epoch != self._sources_epoch:
+            self._read_sources()
         now = self.clock()
         transfer, source_ms = self.timing.transfer_ms, () if self._one_source else self.timing.source_ms
         per_key = key_ms(self._sources, source_ms)

@@ -109,6 +109,13 @@ class ExpertStore(ABC):
         store that fetches from another node says REMOTE)."""
         return Source.LOCAL if self.tier(key) is Tier.HOST else Source.NVME
 
+    @property
+    def sources_epoch(self) -> int:
+        """A number that changes whenever `source()` may answer differently than before (a scaled-out store's
+        node failed or came back, its directory moved experts); a cache reads every key's source again then.
+        A store whose sources never change keeps this default."""
+        return 0
+
     @abstractmethod
     def host_view(self, key: ExpertKey) -> torch.Tensor | None:
         """The expert's flat buffer in host RAM (page-locked where possible), or None if not in RAM."""

@@ -64,15 +64,20 @@ def test_three_static_shards_serve_every_expert_and_fail_over(mixtral_dir, redis
             assert remote.source(ExpertKey(0, 0)).startswith("remote:node")
             assert_serves_the_checkpoint(remote, mixtral_dir)
             assert generate(mixtral_dir, remote)[0] == embedded["mixtral"][0]
+            epoch = remote.sources_epoch
             nodes[0].stop()  # leaves the directory; its experts come from their other replica
+            # the directory's next read moves sources: a cache reads them again (ExpertStore.sources_epoch)
+            wait_until(lambda: remote.sources_epoch > epoch, 15, "sources moved after node0 left")
             assert generate(mixtral_dir, remote)[0] == embedded["mixtral"][0]
             nodes[1].kill()  # dies without leaving: the worker fails over at the first read that fails
             lost = [k for k, ns in held.items() if set(ns) <= {"node0", "node1"}]
             kept = [k for k, ns in held.items() if "node2" in ns]
             out = torch.empty(remote.layout.padded_numel)
+            epoch = remote.sources_epoch
             remote.read_into(kept[0], out)
             with pytest.raises(ExpertUnavailable, match=rf"expert \({lost[0][0]}, {lost[0][1]}\)"):
                 remote.read_into(lost[0], out)
+            assert remote.sources_epoch > epoch  # node1 failed a read: avoided, its experts' sources moved
         finally:
             remote.close()
         # this host: node2's shared memory is mapped, no copy over the wire

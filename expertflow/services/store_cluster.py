@@ -88,6 +88,7 @@ class ClusterExpertStore(ExpertStore):
         self._clients: dict[str, tuple[StoreNode, RemoteExpertStore]] = {}
         self._retired: list[RemoteExpertStore] = []
         self._avoided: dict[str, _Avoided] = {}
+        self._epoch = 0  # sources_epoch: bumped whenever a key's preferred replica may have moved
         self._seen: dict[str, float] = {}  # node id -> when the directory last listed it
         self._holders: dict[ExpertKey, tuple[str, ...]] = {}  # the last nodes known to hold each expert
         self._missing: frozenset[ExpertKey] = frozenset()
@@ -177,10 +178,15 @@ class ClusterExpertStore(ExpertStore):
             self._avoid(node, str(e))
             return None
 
+    @property
+    def sources_epoch(self) -> int:
+        return self._epoch
+
     def _avoid(self, node: StoreNode, why: str) -> None:
         with self._lock:
             new = node.node_id not in self._avoided
             self._avoided[node.node_id] = _Avoided(node.incarnation, time.monotonic() + self.probe_s)
+            self._epoch += new  # its experts' preferred replicas (and so their sources) move
         if new:
             log.warning("store node failed; reading its experts from other replicas until it is back",
                         extra={"node_id": node.node_id, "address": node.address, "error": why})  # fmt: skip
@@ -332,6 +338,9 @@ class ClusterExpertStore(ExpertStore):
                 live = snapshot.nodes.get(node_id)
                 if live is None or live.incarnation != avoided.incarnation:
                     del self._avoided[node_id]
+                    self._epoch += 1
+            if snapshot.nodes != old.nodes or snapshot.entries != old.entries:
+                self._epoch += 1
             self._snapshot = snapshot
         missing = frozenset(snapshot.missing())
         if missing != self._missing:
@@ -355,6 +364,7 @@ class ClusterExpertStore(ExpertStore):
             with self._lock:
                 if back:
                     self._avoided.pop(node.node_id, None)
+                    self._epoch += 1
                 elif node.node_id in self._avoided:
                     self._avoided[node.node_id].next_probe = now + self.probe_s
             if back:

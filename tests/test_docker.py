@@ -141,39 +141,15 @@ def brought_up(images: tuple[str, str], *up_args: str) -> Iterator[tuple[Compose
     assert down.returncode == 0, down.stderr
 
 
-def test_compose_stack_answers_through_grpc_and_http(images, tmp_path):
+def test_compose_stack_scaled_out_answers_through_grpc_and_http(images, tmp_path):
+    """`up --scale expert-store=3`, the whole stack: every service healthy; three store nodes register in compose's
+    redis, each expert on two of them; the worker generates what this checkout generates (its experts from its own
+    node's shared memory and the others' over gRPC), through gRPC and the OpenAI-compatible HTTP API; every
+    service's Prometheus endpoint answers on the compose network. One bring-up for all of it: each costs a minute."""
     services = load_compose()
-    names = list(services)
-    with brought_up(images) as (stack, worker_port, api_port):
-        stack.wait_healthy(names)
+    with brought_up(images, "--scale", "expert-store=3") as (stack, worker_port, api_port):
+        stack.wait_healthy(list(services))
         assert stack.run("exec", "-T", "redis", "redis-cli", "ping").stdout.strip() == "PONG"
-        with InferenceClient(f"127.0.0.1:{worker_port}", timeout_s=120) as client:
-            info = client.model_info()
-            direct = client.complete(PROMPT, max_new_tokens=16)
-        assert info.family == "mixtral" and direct.completion_tokens == 16
-        http = openai.OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key="unused", max_retries=0)
-        done = http.completions.create(model="expertflow-coarse-8x2", prompt=PROMPT, max_tokens=16)
-        assert done.choices[0].text == direct.text
-        assert direct.token_ids == embedded_ids(PROMPT, 16)  # the containers compute what this checkout computes
-        # every service's Prometheus endpoint answers on the compose network ([metrics] host in the config), and
-        # the worker's experts came from the store's shared memory
-        scrape = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
-        ports = ServicesConfig.load(services["gpu-worker"].config_file).metrics
-        for service, port in [("gpu-worker", ports.worker), ("expert-store", ports.expert_store),
-                              ("predictor", ports.predictor), ("orchestrator", ports.orchestrator), ("api", ports.api)]:
-            text = stack.run("exec", "-T", "api", "python", "-c", scrape, f"http://{service}:{port}/metrics").stdout
-            assert "# TYPE" in text, service
-            if service == "gpu-worker":
-                moved = [line for line in text.splitlines() if line.startswith('expertflow_expert_bytes_total{tier="host"}')]
-                assert moved and float(moved[0].split()[-1]) > 0, text
-
-
-def test_compose_scales_the_expert_store(images, tmp_path):
-    """`up --scale expert-store=3`: three nodes register in compose's redis, each expert on two of them, and the
-    worker generates what this checkout generates, its experts from its own node's shared memory and the others'
-    over gRPC."""
-    with brought_up(images, "--scale", "expert-store=3", "gpu-worker") as (stack, worker_port, _):  # + its deps
-        stack.wait_healthy(["expert-store", "gpu-worker"])
         assert len(stack.run("ps", "-q", "expert-store").stdout.split()) == 3
 
         read = ("import json; from expertflow.services.redis_directory import RedisDirectory as R; "
@@ -189,9 +165,27 @@ def test_compose_scales_the_expert_store(images, tmp_path):
             assert time.monotonic() < deadline, per_node
             time.sleep(2)
         assert all(n > 0 for n in per_node.values()), per_node
+
         with InferenceClient(f"127.0.0.1:{worker_port}", timeout_s=120) as client:
+            info = client.model_info()
             direct = client.complete(PROMPT, max_new_tokens=16)
-        assert direct.token_ids == embedded_ids(PROMPT, 16)
+        assert info.family == "mixtral" and direct.completion_tokens == 16
+        assert direct.token_ids == embedded_ids(PROMPT, 16)  # the containers compute what this checkout computes
+        http = openai.OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key="unused", max_retries=0)
+        done = http.completions.create(model="expertflow-coarse-8x2", prompt=PROMPT, max_tokens=16)
+        assert done.choices[0].text == direct.text
+        # every service's Prometheus endpoint answers on the compose network ([metrics] host in the config), and
+        # the worker's experts came from the store nodes
+        scrape = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
+        ports = ServicesConfig.load(services["gpu-worker"].config_file).metrics
+        for service, port in [("gpu-worker", ports.worker), ("expert-store", ports.expert_store),
+                              ("predictor", ports.predictor), ("orchestrator", ports.orchestrator), ("api", ports.api)]:
+            text = stack.run("exec", "-T", "api", "python", "-c", scrape, f"http://{service}:{port}/metrics").stdout
+            assert "# TYPE" in text, service
+            if service == "gpu-worker":
+                moved = [float(line.split()[-1]) for line in text.splitlines()
+                         if line.startswith("expertflow_expert_bytes_total{")]  # fmt: skip
+                assert sum(moved) > 0, text
 
 
 @pytest.fixture

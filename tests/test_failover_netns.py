@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from contextlib import ExitStack
 
 import pytest
@@ -86,11 +88,11 @@ def test_failover_across_network_namespaces(tiny_models, tmp_path):
     with ExitStack() as stack:
         redis_server, nodes = namespace_cluster(stack, model_dir, tmp_path, version, 3, 2, TTL_S)
 
-        address = f"127.0.0.1:{free_port()}"
+        address, metrics_port = f"127.0.0.1:{free_port()}", free_port()
         worker = subprocess.Popen(
             [sys.executable, "-m", "expertflow.cli", "worker", "--model", str(model_dir), "--listen", address,
              "--store", redis_server.url, "--policy", "lru", "--expert-budget", "25%", "--rows", "8",
-             "--max-batch", "8", "--metrics-port", "0"],  # fmt: skip
+             "--max-batch", "8", "--metrics-port", str(metrics_port)],  # fmt: skip
             stderr=(tmp_path / "worker.log").open("w"),
         )
         stack.callback(lambda: worker.poll() is None and (worker.kill(), worker.wait()))
@@ -174,6 +176,9 @@ def test_failover_across_network_namespaces(tiny_models, tmp_path):
         assert "directory reachable again" in log
         figures["worker_reads_failed_over"] = log.count('"message": "failed over"')
         assert figures["worker_reads_failed_over"] > 0  # the kill mid-generation was met by reads that failed over
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        gauge = re.search(r"^expertflow_store_failovers ([0-9.e+]+)$", metrics, re.M)
+        assert gauge and float(gauge.group(1)) == figures["worker_reads_failed_over"], metrics[-400:]
 
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(60) == 0

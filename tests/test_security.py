@@ -283,7 +283,11 @@ def test_a_bad_security_section_is_a_clear_error(pki, tmp_path, mixtral_dir, cap
     # through a command: one line naming the key, no traceback, before the model loads
     config = tmp_path / "expertflow.toml"
     config.write_text(f'[security]\ntoken_file = "{tmp_path / "no-token"}"\n')
-    assert main(["expert-store", "--model", str(mixtral_dir), "--config", str(config), "--metrics-port", "0"]) == 2
+    from redis_server import free_port
+
+    listen = f"127.0.0.1:{free_port()}"  # not the default port: another test's store may hold it
+    assert main(["expert-store", "--model", str(mixtral_dir), "--config", str(config), "--listen", listen,
+                 "--metrics-port", "0"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert err.startswith("expertflow: error: [security] token_file") and "Traceback" not in err
 

@@ -243,6 +243,9 @@ class Worker(inference_pb2_grpc.InferenceServicer):
     ) -> None:
         self.loaded, self.config, self.log = loaded, config, log
         self.metrics = WorkerMetrics(registry)
+        # a scaled-out store's reads that a later replica delivered (ClusterExpertStore.failovers; 0 for others)
+        Gauge("expertflow_store_failovers", "expert reads failed over to another replica", registry=registry
+              ).set_function(lambda: getattr(loaded.store, "failovers", 0))  # fmt: skip
         try:
             self.codec: TextCodec | None = TextCodec(loaded.directory)
         except (FileNotFoundError, ValueError):

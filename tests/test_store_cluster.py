@@ -123,8 +123,11 @@ def test_auto_placement_follows_the_members(mixtral_dir, redis_server):
 
 
 def test_the_command_refuses_bad_cluster_flags(mixtral_dir, capsys):
+    listen = f"127.0.0.1:{free_port()}"  # not the default port, which another store may hold
+
     def refused(*args: str) -> str:
-        assert main(["expert-store", "--model", str(mixtral_dir), "--metrics-port", "0", *args]) == 2
+        command = ["expert-store", "--model", str(mixtral_dir), "--listen", listen, "--metrics-port", "0", *args]
+        assert main(command) == 2
         err = capsys.readouterr().err
         assert err.startswith("expertflow: error: ") and "Traceback" not in err
         return err

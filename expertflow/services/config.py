@@ -209,5 +209,8 @@ def add_server_flags(parser: Any) -> None:
     """The flags every server command shares: its config file, and the one security choice a container's command
     line must be able to make (listening on 0.0.0.0 behind a port published on loopback or a private network)."""
     parser.add_argument("--config", type=Path, help="the services' TOML config (see expertflow/services/config.py)")
-    parser.add_argument("--allow-insecure", action="store_true",
-                        help="listen on a non-loopback address with neither TLS nor a token ([security] allow_insecure)")  # fmt: skip
+    parser.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        help="listen on a non-loopback address with neither TLS nor a token ([security] allow_insecure)",
+    )

@@ -144,8 +144,8 @@ class NumpyRouteModel:
             v = np.concatenate([kv[i][1], v], 1)
             kv[i] = (k, v)
             scores = (q @ k.transpose(0, 2, 1))[:, 0] * (1.0 / math.sqrt(dh))  # H T
-            scores = np.exp(scores - scores.max(-1, keepdims=True))
-            att = (scores / scores.sum(-1, keepdims=True))[:, None] @ v  # H 1 dh
+            scores = np.exp(scores - np.maximum.reduce(scores, -1, keepdims=True))  # .max() less its wrapper
+            att = (scores / np.add.reduce(scores, -1, keepdims=True))[:, None] @ v  # H 1 dh
             x = x + att.reshape(d) @ b["proj"][0] + b["proj"][1]
             hidden = gelu(layer_norm(x, *b["n2"]) @ b["fc1"][0] + b["fc1"][1])
             x = x + hidden @ b["fc2"][0] + b["fc2"][1]

@@ -70,7 +70,7 @@ class MoETransformer(nn.Module):
         if nxt is None:
             return None
         block = self.layers[nxt]
-        return block.moe.index, block.moe.router(block.mlp_norm(h))[0]
+        return block.moe.index, block.moe.router.select(block.mlp_norm(h))[0]
 
     def new_caches(self, batch: int, length: int) -> list[KVCache]:
         p = self.embed.weight

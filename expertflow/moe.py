@@ -52,6 +52,16 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> (expert ids [N, K], combine weights [N, K], router scores of the picks [N, K]), float32."""
         s = self.spec
+        ids, scores = self.select(x)
+        picked = weights = scores.gather(1, ids)
+        if s.norm_topk:
+            weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if s.scoring == "sigmoid" else 0.0))
+        return ids, weights * s.scaling, picked
+
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (expert ids [N, K], every expert's router score [N, E]): the choice alone, which is all that
+        gate speculation needs (the engine runs it for every layer of every decode step)."""
+        s = self.spec
         logits = x.float() @ self.weight.float().t()  # N E
         scores = logits.softmax(-1) if s.scoring == "softmax" else logits.sigmoid()
         choice = scores + self.bias.float() if s.correction_bias else scores
@@ -64,11 +74,7 @@ class Router(nn.Module):
             keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(s.topk_group, dim=-1).indices, 1.0)
             keep = keep.bool()[..., None].expand_as(grouped).reshape_as(choice)
             choice = choice.masked_fill(~keep, 0.0 if s.masked_fill_zero else float("-inf"))
-        ids = choice.topk(s.top_k, dim=-1).indices  # N K
-        picked = weights = scores.gather(1, ids)
-        if s.norm_topk:
-            weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if s.scoring == "sigmoid" else 0.0))
-        return ids, weights * s.scaling, picked
+        return choice.topk(s.top_k, dim=-1).indices, scores  # N K, N E
 
 
 class MoEBlock(nn.Module):

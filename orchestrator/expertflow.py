@@ -112,7 +112,7 @@ class ExpertFlow(Prefetcher):
         rows = [self._current[rid][layer] for rid in self._live if rid in self._current]
         if not rows:
             return True
-        wanted = np.flatnonzero(merge_requests(rows) > self.config.plan.threshold)
+        wanted = np.flatnonzero(_merged(rows) > self.config.plan.threshold)
         missing = [e for e in wanted.tolist() if not view.resident[layer, e]]
         if not missing:
             return True
@@ -125,9 +125,9 @@ class ExpertFlow(Prefetcher):
         if not predicted:
             self.eviction.use = None  # nothing predicted (prompts): LRU until a prediction
             return None
-        current = merge_requests(self._current[rid] for rid in predicted)
-        recent = merge_requests(self._recent[rid] for rid in predicted)
-        rate = merge_requests(self._rate[rid] for rid in predicted)
+        current = _merged([self._current[rid] for rid in predicted])
+        recent = _merged([self._recent[rid] for rid in predicted])
+        rate = _merged([self._rate[rid] for rid in predicted])
         probs = due_probabilities(current, recent, layer, self.config.next_token_model_weight)
         inp = PlanInput.of(view, probs, layer, next_start_ms, rate=np.maximum(rate, probs))
         use = next_use_ms(inp)
@@ -149,3 +149,9 @@ class ExpertFlow(Prefetcher):
             for table in (self._current, self._recent, self._rate):
                 table.pop(rid, None)
         self.sessions.finish(ids)
+
+
+def _merged(rows: list[np.ndarray]) -> np.ndarray:
+    """`merge_requests(rows)`, without its copy when there is one request (batch 1, the usual decode step): the
+    callers only read the result."""
+    return rows[0] if len(rows) == 1 else merge_requests(rows)

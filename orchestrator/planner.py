@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -90,6 +91,16 @@ class PlanInput:
         if not 0 <= self.layer <= n_layers:
             raise ValueError(f"plan input: layer {self.layer} outside 0..{n_layers}")
 
+    @cached_property
+    def starts(self) -> np.ndarray:
+        """[L] when each MoE layer next starts (`layer_starts`); computed once, next_use_ms and plan both read it."""
+        return layer_starts(self.layer, self.next_start_ms, self.layer_ms)
+
+    @cached_property
+    def token_ms(self) -> float:
+        """One token's time through every MoE layer."""
+        return float(sum(self.layer_ms))
+
     def transfer(self, key: ExpertKey) -> float:
         """`key`'s expected time from its source into a slot."""
         return self.transfer_ms if self.key_ms is None else float(self.key_ms[key])
@@ -138,18 +149,17 @@ def layer_starts(layer: int, next_start_ms: float, layer_ms: Sequence[float]) ->
 def next_use_ms(inp: PlanInput) -> np.ndarray:
     """[L, E] expected time of each key's next use: its next chance (deadline) if used then (p), else
     a geometric wait of 1/q more tokens (q = rate): deadline + (1 - p) / q tokens."""
-    starts = layer_starts(inp.layer, inp.next_start_ms, inp.layer_ms)
     p = np.clip(inp.probs, 0.0, 1.0)
     q = np.clip(p if inp.rate is None else inp.rate, _P_FLOOR, 1.0)
-    return starts[:, None] + float(sum(inp.layer_ms)) * (1.0 - p) / q
+    return inp.starts[:, None] + inp.token_ms * (1.0 - p) / q
 
 
 def plan(inp: PlanInput, config: PlanConfig = PlanConfig(), use_ms: np.ndarray | None = None) -> Plan:
     """`use_ms`: `next_use_ms(inp)` if the caller already has it (it keeps it to pick victims for misses)."""
     probs = inp.probs
-    starts = layer_starts(inp.layer, inp.next_start_ms, inp.layer_ms)
+    starts = inp.starts
     use = next_use_ms(inp) if use_ms is None else use_ms
-    margin = config.swap_margin_tokens * float(sum(inp.layer_ms))
+    margin = config.swap_margin_tokens * inp.token_ms
     free = inp.n_slots - int(inp.resident.sum()) - len(inp.in_flight)
     # The queue is served in order, so new transfers land one transfer apart after the started ones.
     clock = max([f.eta_ms for f in inp.in_flight if f.started], default=inp.now_ms)

@@ -162,6 +162,20 @@ class LearnedSession:
         probs = self.model.probabilities(logits).astype(np.float32)
         return probs if self.corrector is None else self.corrector.blend(probs)
 
+    def read_prompt(self) -> None:
+        """Every token so far has been routed (a prompt's step ended): read the window the next token will be
+        predicted in, up to the last token, so that the next predict() extends it by one position instead of
+        reading it whole. The read then happens at the prompt's step, which runs the model over all its tokens
+        anyway, not at the first decode step, where it cost more host time than the rest of the step's policy."""
+        t = len(self.tokens)  # the next token's position
+        w = window_start(t, self.model.cfg.context)
+        if t <= w or (self._kv is not None and self._kv_window == (w, t - 1)):
+            return  # the next token starts a window of its own, or it is read already
+        zero = np.zeros_like(self.routes[0])
+        prev = np.stack([self.routes[i - 1] if i > 0 else zero for i in range(w, t)])
+        _, _, self._kv = self.model.read_window(np.array(self.tokens[w:t]), prev)
+        self._kv_window = (w, t - 1)
+
     def refine(self, layer_index: int, spec: list[int] | None = None) -> np.ndarray | None:
         """`spec`: gate speculation's experts for the layer, best first."""
         if self.model.layer_head is None or self._encoded is None:
@@ -217,6 +231,8 @@ class LearnedSessions(SessionPredictor):
             session = self._sessions[rid]
             for back, experts in zip(range(len(rows) - 1, -1, -1), rows):
                 session.observe_route(layer, [int(e) for e in experts], back)
+            if layer + 1 == self.n_layers and self._new.get(rid, 0) > 1:
+                session.read_prompt()  # its routes are complete: read the window now, not at its next token
             if refine and self._new.get(rid) == 1:
                 spec = None if speculation is None or rid not in speculation else speculation[rid].tolist()
                 refined = session.refine(layer + 1, spec)

@@ -26,12 +26,25 @@ _LN_EPS = 1e-5  # nn.LayerNorm's default
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
+    """Abramowitz-Stegun 7.1.26. In place on its own temporaries (this runs for every token and layer, where
+    numpy's per-call cost is most of the work); the operations and their order are those of
+    s * (1 - ((((a5 t + a4) t + a3) t + a2) t + a1) t exp(-z z)), t = 1 / (1 + p z), z = |x|, s = sign(x)."""
     a1, a2, a3, a4, a5, p = 0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429, 0.3275911
-    s = np.sign(x)
     z = np.abs(x)
-    t = 1.0 / (1.0 + p * z)
-    y = 1.0 - ((((a5 * t + a4) * t + a3) * t + a2) * t + a1) * t * np.exp(-z * z)
-    return s * y
+    t = p * z
+    t += 1.0
+    np.divide(1.0, t, out=t)
+    y = a5 * t
+    for a in (a4, a3, a2, a1):
+        y += a
+        y *= t
+    z *= z  # exp(-z z): (-z) z and -(z z) are the same number
+    np.negative(z, out=z)
+    np.exp(z, out=z)
+    y *= z
+    np.subtract(1.0, y, out=y)
+    y *= np.sign(x)
+    return y
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
@@ -39,9 +52,12 @@ def gelu(x: np.ndarray) -> np.ndarray:
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + _LN_EPS) * weight + bias
+    """nn.LayerNorm's arithmetic, as x.mean() would do it (a float32 sum, divided by the count) without its
+    per-call overhead."""
+    n = x.shape[-1]
+    centred = x - np.add.reduce(x, -1, keepdims=True) / n
+    var = np.add.reduce(centred * centred, -1, keepdims=True) / n
+    return centred / np.sqrt(var + _LN_EPS) * weight + bias
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -128,8 +144,8 @@ class NumpyRouteModel:
             v = np.concatenate([kv[i][1], v], 1)
             kv[i] = (k, v)
             scores = (q @ k.transpose(0, 2, 1))[:, 0] * (1.0 / math.sqrt(dh))  # H T
-            scores = np.exp(scores - scores.max(-1, keepdims=True))
-            att = (scores / scores.sum(-1, keepdims=True))[:, None] @ v  # H 1 dh
+            scores = np.exp(scores - np.maximum.reduce(scores, -1, keepdims=True))  # .max() less its wrapper
+            att = (scores / np.add.reduce(scores, -1, keepdims=True))[:, None] @ v  # H 1 dh
             x = x + att.reshape(d) @ b["proj"][0] + b["proj"][1]
             hidden = gelu(layer_norm(x, *b["n2"]) @ b["fc1"][0] + b["fc1"][1])
             x = x + hidden @ b["fc2"][0] + b["fc2"][1]

@@ -414,6 +414,8 @@ def test_batched_sessions_follow_requests_by_id_from_their_prompts(chain_model):
         assert first == {}  # a prompt's last token cannot be predicted before the prompt's routes are known
         for j in range(3):
             predictor.layer(j, {rid: test.experts[sl][:prompt, j] for rid, sl in ids.items()})
+        if predictor is live:  # the prompt's window is read once its routes are complete, not at its next token
+            assert all(live._sessions[rid]._kv_window == (0, prompt - 1) for rid in ids)
         for t in range(prompt, 14):
             got = predictor.step({rid: [int(test.tokens[sl][t])] for rid, sl in ids.items()})
             for s, rid in enumerate(ids):

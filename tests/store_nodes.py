@@ -177,6 +177,21 @@ def listed(url: str, version: str) -> set[str]:
         directory.close()
 
 
+def namespace_test_model(tiny_models) -> tuple[Path, str]:
+    """The tiny Mixtral checkpoint and its model version, for a test whose store nodes run in namespaces; the test
+    is skipped, with the reason, where namespaces cannot be made."""
+    import pytest
+    import torch
+
+    from expertflow.services.store_server import ServedModel
+
+    reason = namespaces_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    model_dir = tiny_models["mixtral"][0]
+    return model_dir, ServedModel.open(model_dir, "0", torch.float32).version
+
+
 def namespace_cluster(stack: ExitStack, model_dir: Path, workdir: Path, version: str, count: int, replicas: int,
                       ttl_s: float):  # fmt: skip
     """`count` store nodes, node i in a namespace of its own at 10.231.i.2:50061 holding static shard i/count,

@@ -31,14 +31,12 @@ import urllib.request
 from contextlib import ExitStack
 
 import pytest
-import torch
 
 from conftest import prompt_ids
 from expertflow.services.client import InferenceClient, InferenceError
 from expertflow.services.common import wait_for_server
-from expertflow.services.store_server import ServedModel
 from redis_server import free_port
-from store_nodes import listed, machine, namespace_cluster, namespaces_unavailable, wait_until
+from store_nodes import listed, machine, namespace_cluster, namespace_test_model, wait_until
 from test_worker_service import embedded
 
 pytestmark = pytest.mark.slow
@@ -75,11 +73,7 @@ def ask_all(address: str, prompts, timeout_s: float = 90.0, started: threading.E
 
 
 def test_failover_across_network_namespaces(tiny_models, tmp_path):
-    reason = namespaces_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    model_dir = tiny_models["mixtral"][0]
-    version = ServedModel.open(model_dir, "0", torch.float32).version
+    model_dir, version = namespace_test_model(tiny_models)
     expected = [embedded(model_dir, p, NEW_TOKENS) for p in PROMPTS]
     figures: dict = {"command": "EXPERTFLOW_FAILOVER_JSON=bench/results/failover_cpu.json .venv/bin/python -m pytest "
                      "-p no:cacheprovider -s tests/test_failover_netns.py", "machine": machine(),

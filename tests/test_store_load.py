@@ -27,16 +27,14 @@ from contextlib import ExitStack
 
 import grpc
 import pytest
-import torch
 
 from conftest import prompt_ids
 from expertflow.services.client import InferenceClient, InferenceError
 from expertflow.services.common import open_channel, wait_for_server
-from expertflow.services.store_server import ServedModel
 from expertflow.v1 import expert_store_pb2 as store_pb
 from expertflow.v1 import expert_store_pb2_grpc
 from redis_server import free_port
-from store_nodes import machine, namespace_cluster, namespaces_unavailable
+from store_nodes import machine, namespace_cluster, namespace_test_model
 from test_worker_service import embedded
 
 pytestmark = pytest.mark.slow
@@ -127,11 +125,7 @@ class Clients:
 
 
 def test_load_three_nodes_two_workers_64_clients_one_node_killed(tiny_models, tmp_path):
-    reason = namespaces_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    model_dir = tiny_models["mixtral"][0]
-    version = ServedModel.open(model_dir, "0", torch.float32).version
+    model_dir, version = namespace_test_model(tiny_models)
     expected = [embedded(model_dir, p, NEW_TOKENS) for p in PROMPTS]
     with ExitStack() as stack:
         redis_server, nodes = namespace_cluster(stack, model_dir, tmp_path, version, NODES, REPLICAS, 3.0)

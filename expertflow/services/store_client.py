@@ -59,6 +59,13 @@ _REGISTER_PORTABLE, _REGISTER_READ_ONLY = 0x01, 0x08  # cudaHostRegister flags
 _PERMANENT = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED)
 
 
+def check_host_buffer(out: torch.Tensor, nbytes: int) -> None:
+    """A fetch's destination must be one contiguous host buffer of an expert's `nbytes`: a clear error before any
+    node is asked (a caller's bad buffer is not a node's failure)."""
+    if out.device.type != "cpu" or not out.is_contiguous() or out.numel() * out.element_size() != nbytes:
+        raise ValueError(f"fetch into a contiguous host buffer of {nbytes} bytes, not {out.shape} on {out.device}")
+
+
 class StoreFetchError(IOError):
     """An expert the store did not deliver intact: which, from where, and what went wrong last."""
 
@@ -317,9 +324,7 @@ class RemoteExpertStore(ExpertStore):
 
     # -- fetching ----------------------------------------------------------------------------------------------
     def _fetch(self, key: ExpertKey, out: torch.Tensor) -> Tier:
-        size = self.layout.slot_nbytes
-        if out.device.type != "cpu" or not out.is_contiguous() or out.numel() * out.element_size() != size:
-            raise ValueError(f"fetch into a contiguous host buffer of {size} bytes, not {out.shape} on {out.device}")
+        check_host_buffer(out, self.layout.slot_nbytes)
         flat = out.view(torch.uint8).numpy()
         last = ""
         for attempt in range(1 + self._retries):

@@ -40,7 +40,7 @@ from expert_store.layout import ExpertLayout
 from expert_store.store import ExpertStore, StagedRead, ThreadedRead, Tier
 from expertflow.services import store_wire
 from expertflow.services.security import Security, open_channel
-from expertflow.services.store_client import RemoteExpertStore, StoreFetchError
+from expertflow.services.store_client import RemoteExpertStore, StoreFetchError, check_host_buffer
 from expertflow.v1 import expert_store_pb2 as pb
 from expertflow.v1 import expert_store_pb2_grpc
 
@@ -131,8 +131,7 @@ class ClusterExpertStore(ExpertStore):
                     problem = (f"no store node of model version {self.version} is in the directory (its current "
                                f"version: {snapshot.current}); the nodes and this worker must serve the same "
                                "checkpoint, dtype and [model] version_label")  # fmt: skip
-                elif snapshot.missing():
-                    missing = snapshot.missing()
+                elif missing := snapshot.missing():
                     problem = (f"the store nodes of model version {self.version} hold {len(snapshot.entries)} of "
                                f"{len(snapshot.layout.keys())} experts; none holds {tuple(missing[0])} (and "
                                f"{len(missing) - 1} more)")  # fmt: skip
@@ -268,9 +267,7 @@ class ClusterExpertStore(ExpertStore):
     def _read(self, key: ExpertKey, out: torch.Tensor) -> Tier:
         if key not in self._key_set:
             raise KeyError(f"expert {tuple(key)} is not an expert of this model (MoE layer, expert)")
-        size = self.layout.slot_nbytes
-        if out.device.type != "cpu" or not out.is_contiguous() or out.numel() * out.element_size() != size:
-            raise ValueError(f"read into a contiguous host buffer of {size} bytes, not {out.shape} on {out.device}")
+        check_host_buffer(out, self.layout.slot_nbytes)
         replicas = self._replicas(key)
         if not replicas:
             last = ", ".join(self._holders.get(key, ())) or "none known"
